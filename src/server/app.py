@@ -1,0 +1,109 @@
+"""Assemble and run a coord-server: recover the node, start the writer, serve the client URLs."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from .config import Config, listen_address
+from .errors import Code
+from .http import DefaultHttpApp
+from .node import Node, open_node
+from .rpc import Kind, Method
+from .services import cluster, kv, maintenance
+from .transport import ClientListener
+
+log = logging.getLogger("coord_server")
+
+
+def all_methods(node: Node) -> list[Method]:
+    return [*kv.methods(node), *maintenance.methods(node), *cluster.methods(node)]
+
+
+@dataclass
+class Server:
+    """A running server: its node and the addresses it actually listens on."""
+
+    node: Node
+    listeners: list[ClientListener] = field(default_factory=list)
+    addresses: list[tuple[str, int]] = field(default_factory=list)
+    fatal: BaseException | None = None
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+
+
+@asynccontextmanager
+async def open_server(config: Config) -> AsyncIterator[Server]:
+    """Recover the data directory and serve every ``--listen-client-urls`` address.
+
+    On exit the listeners close, in-flight writes finish and the backend is closed.
+    ``server.stopped`` is set when a backend failure stops the server by itself.
+    Raises ConfigError / BackendError when the server cannot start.
+    """
+    holder: dict[str, Server] = {}
+
+    def on_fatal(exc: BaseException) -> None:
+        srv = holder.get("server")
+        if srv is not None:
+            srv.fatal = exc
+            srv.stopped.set()
+
+    node = open_node(config, on_fatal=on_fatal)
+    server = holder["server"] = Server(node)
+
+    def on_rpc_done(path: str, kind: Kind, code: Code) -> None:
+        _, svc, name = path.split("/")
+        node.counters.rpc_handled[(svc, name, code.name)] += 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(node.writer.run)
+            methods = all_methods(node)
+            for url in config.listen_client_urls:
+                addr = listen_address(url)
+                listener = ClientListener(methods, DefaultHttpApp(), max_recv_bytes=config.max_recv_bytes(),
+                                          on_rpc_done=on_rpc_done)
+                port = await listener.start(addr.host, addr.port)
+                server.listeners.append(listener)
+                server.addresses.append((addr.host, port))
+            try:
+                yield server
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for listener in server.listeners:
+                        await listener.close()
+                tg.cancel_scope.cancel()
+    finally:
+        node.backend.close()
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGINT/SIGTERM (exit 0) or a backend failure (exit 1)."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_server(config) as server:
+            where = ", ".join(f"{h}:{p}" for h, p in server.addresses)
+            log.info("coord-server %s ready: serving client requests on %s (data dir %s, member %x)",
+                     config.name, where, config.resolved_data_dir(), server.node.member_id)
+            async with anyio.create_task_group() as tg:
+
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        log.info("received %s, shutting down", signal.Signals(signum).name)
+                        break
+                    tg.cancel_scope.cancel()
+
+                async def watch_fatal() -> None:
+                    await server.stopped.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_signals)
+                tg.start_soon(watch_fatal)
+    if server.fatal is not None:
+        log.critical("stopped after a backend failure: %s", server.fatal)
+        return 1
+    log.info("coord-server stopped")
+    return 0

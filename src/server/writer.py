@@ -1,0 +1,247 @@
+"""The single serialized write path: apply a batch, commit it durably, then make it visible.
+
+Every state change goes through :meth:`Writer.submit`. The writer task takes all
+queued jobs as one batch, applies them to the in-memory store (which records
+what changed), commits those records plus the new consistent revision in one
+synced backend transaction, and only then publishes the new revision to
+readers and watchers and answers the callers. A job submitted while a commit
+is in flight joins the next batch (group commit).
+
+If the backend fails, nothing of the batch is acknowledged and the writer stops
+the server: the store on disk can no longer be trusted to match memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+from . import backend as be
+from . import errors
+from .counters import Counters
+from .mvcc import Store
+
+log = logging.getLogger("coord_server.writer")
+
+T = TypeVar("T")
+
+MAX_BATCH = 1024
+COMPACTION_CHUNK = 10_000
+
+
+@dataclass(eq=False)
+class _Job(Generic[T]):
+    fn: Callable[[], T]
+    barrier: bool
+    blocking: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: T | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Compaction:
+    rev: int
+    keep: set[tuple[int, int]]
+    cursor: bytes = b""
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+PublishHook = Callable[[int], None]
+
+
+class Writer:
+    """Owns the store's mutations and the backend's write transactions.
+
+    ``on_publish(rev)`` runs on the event loop after each durable commit, before
+    callers are answered (the watch hub hangs off it). ``on_fatal(exc)`` is
+    called once when the backend fails; the server must then stop.
+    """
+
+    def __init__(self, store: Store, backend: be.Backend, counters: Counters, *, raft_index: int,
+                 on_fatal: Callable[[BaseException], None]) -> None:
+        self.store = store
+        self.backend = backend
+        self.counters = counters
+        self.visible_rev = store.rev
+        self.raft_index = raft_index
+        self.extra_ops: list[be.Op] = []
+        self.publish_hooks: list[PublishHook] = []
+        self._on_fatal = on_fatal
+        self._send, self._recv = anyio.create_memory_object_stream[_Job[Any]](math.inf)
+        self._carry: _Job[Any] | None = None
+        self._compaction: _Compaction | None = None
+        self._failed: BaseException | None = None
+
+    # ------------------------------------------------------------------ API
+
+    async def submit(self, fn: Callable[[], T], *, barrier: bool = False) -> T:
+        """Run ``fn`` in the write path and return its result once durable and visible.
+
+        ``fn`` runs on the event loop, alone, and may mutate the store or append
+        to :attr:`extra_ops`; an :class:`~coord_server.errors.EtcdError` it raises
+        is re-raised here and its changes are rolled back by the store.
+        ``barrier`` jobs start a batch of their own, after every earlier write is
+        visible (compaction needs that). A checkpoint. Raises STOPPED after a
+        backend failure.
+        """
+        if self._failed is not None:
+            raise errors.STOPPED
+        job: _Job[T] = _Job(fn, barrier)
+        self.counters.pending_writes += 1
+        self._send.send_nowait(job)
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    async def exclusive(self, fn: Callable[[], T]) -> T:
+        """Run blocking ``fn`` in a worker thread with no write in flight (defragment). A checkpoint."""
+        if self._failed is not None:
+            raise errors.STOPPED
+        job: _Job[T] = _Job(fn, True, True)
+        self.counters.pending_writes += 1
+        self._send.send_nowait(job)
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    async def wait_compaction(self) -> None:
+        """Wait until the physical deletion of the last compaction is done. A checkpoint."""
+        comp = self._compaction
+        if comp is None:
+            await anyio.lowlevel.checkpoint()
+            return
+        await comp.done.wait()
+
+    def schedule_compaction(self, rev: int) -> None:
+        """Queue the physical deletion for a compaction already applied to the store.
+
+        A newer compaction supersedes one still in progress: its keep-set covers
+        the older one, and the older one's waiters are released when it ends.
+        """
+        comp = _Compaction(rev, self.store.keep(rev))
+        if self._compaction is not None:
+            comp.done = self._compaction.done
+        self._compaction = comp
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                batch = await self._next_batch()
+                if batch is None:
+                    await self._compact_step()
+                    continue
+                await self._process(batch)
+                if self._compaction is not None:
+                    await self._compact_step()
+        except be.BackendError as exc:
+            self._fail(exc)
+
+    async def _next_batch(self) -> list[_Job[Any]] | None:
+        job = self._carry
+        self._carry = None
+        if job is None:
+            if self._compaction is not None:
+                try:
+                    job = self._recv.receive_nowait()
+                except anyio.WouldBlock:
+                    return None
+            else:
+                job = await self._recv.receive()
+        batch = [job]
+        if job.barrier:
+            return batch
+        while len(batch) < MAX_BATCH:
+            try:
+                nxt = self._recv.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            if nxt.barrier:
+                self._carry = nxt
+                break
+            batch.append(nxt)
+        return batch
+
+    async def _process(self, batch: list[_Job[Any]]) -> None:
+        store = self.store
+        for job in batch:
+            try:
+                if job.blocking:
+                    job.result = await anyio.to_thread.run_sync(job.fn)
+                else:
+                    job.result = job.fn()
+            except be.BackendError:
+                for j in batch:
+                    j.error = errors.STOPPED
+                    j.done.set()
+                raise
+            except errors.EtcdError as exc:
+                job.error = exc
+            except Exception as exc:  # a bug in a job must not take the writer down
+                log.exception("write job failed")
+                job.error = errors.EtcdError(errors.Code.UNKNOWN, str(exc))
+        self.raft_index += len(batch)
+        records = store.take_pending()
+        ops: list[be.Op] = [(b"key", r.backend_key(), r.backend_value()) for r in records]
+        ops.extend(self.extra_ops)
+        self.extra_ops = []
+        if ops:
+            ops.append((b"meta", be.CONSISTENT_REV, be.pack_i64(store.rev)))
+            ops.append((b"meta", be.CONSISTENT_INDEX, be.pack_i64(self.raft_index)))
+            started = time.perf_counter()
+            try:
+                await anyio.to_thread.run_sync(self.backend.commit, ops)
+            except be.BackendError as exc:
+                for job in batch:
+                    job.error = errors.STOPPED
+                    job.done.set()
+                self.counters.pending_writes -= len(batch)
+                raise exc
+            self.counters.observe_commit(len(batch), len(ops), time.perf_counter() - started)
+        self.visible_rev = store.rev
+        for hook in self.publish_hooks:
+            hook(store.rev)
+        self.counters.pending_writes -= len(batch)
+        for job in batch:
+            job.done.set()
+
+    async def _compact_step(self) -> None:
+        comp = self._compaction
+        if comp is None:
+            return
+        cursor = await anyio.to_thread.run_sync(
+            self.backend.delete_compacted, comp.rev, comp.keep, comp.cursor, COMPACTION_CHUNK)
+        if cursor is not None:
+            comp.cursor = cursor
+            return
+        await anyio.to_thread.run_sync(
+            self.backend.commit, [(b"meta", be.FINISHED_COMPACT, be.pack_i64(comp.rev))])
+        self._compaction = None
+        comp.done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = exc
+        log.critical("backend failure, stopping: %s", exc)
+        while True:
+            try:
+                job = self._recv.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            job.error = errors.STOPPED
+            job.done.set()
+        if self._carry is not None:
+            self._carry.error = errors.STOPPED
+            self._carry.done.set()
+        self._on_fatal(exc)
