@@ -78,6 +78,7 @@ async def open_server(config: Config) -> AsyncIterator[Server]:
                         await listener.close()
                 tg.cancel_scope.cancel()
     finally:
+        node.writer.close()
         node.backend.close()
 
 

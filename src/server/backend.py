@@ -127,7 +127,7 @@ class Backend:
                 n = 0
                 while True:
                     k = bytes(cur.key())
-                    if k >= bound:
+                    if not k or k >= bound:  # an empty key: the cursor ran off the end
                         return None
                     if n >= limit:
                         return k

@@ -17,6 +17,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import crc32c
 from sortedcontainers import SortedDict
@@ -29,8 +30,6 @@ KeyValue = kv_pb2.KeyValue
 RangeRequest = rpc_pb2.RangeRequest
 
 _REV = struct.Struct(">Q")
-_SORT_ORDERS = frozenset(rpc_pb2.RangeRequest.SortOrder.values())
-_SORT_TARGETS = frozenset(rpc_pb2.RangeRequest.SortTarget.values())
 _ALL = b"\x00"
 
 NO_LEASE = 0
@@ -269,7 +268,7 @@ class Store:
         return RangeResult(kvs, count, more)
 
     def get(self, key: bytes, rev: int | None = None) -> KeyValue | None:
-        hist = self._index.get(key)
+        hist: KeyHistory | None = self._index.get(key)
         if hist is None:
             return None
         return hist.latest() if rev is None else hist.at(rev)
@@ -552,7 +551,7 @@ def _passes_filters(req: RangeRequest, kv: KeyValue) -> bool:
     return not (req.min_create_revision and kv.create_revision < req.min_create_revision)
 
 
-_SORT_KEYS: dict[int, Callable[[KeyValue], object]] = {
+_SORT_KEYS: dict[int, Callable[[KeyValue], Any]] = {
     RangeRequest.VERSION: lambda kv: kv.version,
     RangeRequest.CREATE: lambda kv: kv.create_revision,
     RangeRequest.MOD: lambda kv: kv.mod_revision,
@@ -674,8 +673,9 @@ def _apply_txn(view: ReadView | WriteTxn, req: rpc_pb2.TxnRequest, path: list[bo
             out.response_delete_range.CopyFrom(view.delete_range(op.request_delete_range))
         elif which == "request_txn":
             sub = out.response_txn
+            # etcd leaves a nested txn's header present but empty.
+            sub.header.SetInParent()
             n = _apply_txn(view, op.request_txn, rest, sub)
-            sub.header.revision = view.view_rev()
             rest = rest[n + 1 :]
             walked += n + 1
     return walked

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from coord._pb import rpc_pb2
 
@@ -118,8 +119,12 @@ class Node:
         return sorted(self.alarms) if alarm == rpc_pb2.NONE else sorted(e for e in self.alarms if e[1] == alarm)
 
 
+def alarm_member(member: int, alarm: int) -> rpc_pb2.AlarmMember:
+    return rpc_pb2.AlarmMember(memberID=member, alarm=cast(rpc_pb2.AlarmType, alarm))
+
+
 def _alarm_key(entry: tuple[int, int]) -> bytes:
-    return rpc_pb2.AlarmMember(memberID=entry[0], alarm=entry[1]).SerializeToString()
+    return alarm_member(*entry).SerializeToString()
 
 
 def _varint_len(v: int) -> int:

@@ -8,7 +8,7 @@ from coord._pb import rpc_pb2
 
 from .. import errors
 from .._version import SERVER_VERSION
-from ..node import Node
+from ..node import Node, alarm_member
 from ..rpc import CallContext, Kind, Method
 
 
@@ -38,7 +38,7 @@ class MaintenanceService:
             affected = node.apply_alarm(req.action, req.memberID, req.alarm)
         else:
             affected = await node.writer.submit(lambda: node.apply_alarm(req.action, req.memberID, req.alarm))
-        return rpc_pb2.AlarmResponse(alarms=[rpc_pb2.AlarmMember(memberID=m, alarm=a) for m, a in affected])
+        return rpc_pb2.AlarmResponse(alarms=[alarm_member(m, a) for m, a in affected])
 
     async def hash(self, req: rpc_pb2.HashRequest, ctx: CallContext) -> rpc_pb2.HashResponse:
         """CRC-32C of every backend record (our file format, so it cannot equal etcd's)."""
