@@ -79,6 +79,7 @@ async def open_server(config: Config) -> AsyncIterator[Server]:
                 tg.cancel_scope.cancel()
     finally:
         node.writer.close()
+        node.writer.wal.close()
         node.backend.close()
 
 

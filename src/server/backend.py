@@ -37,8 +37,53 @@ SCHEDULED_COMPACT = b"scheduledCompactRev"
 FINISHED_COMPACT = b"finishedCompactRev"
 TERM = b"term"
 CONSISTENT_INDEX = b"consistent_index"
+WAL_INDEX = b"wal_index"  # the last write-ahead-log record whose ops this backend holds
 
 Op = tuple[bytes, bytes, bytes | None]  # (db name, key, value or None to delete)
+
+
+_DB_IDS = {name: i for i, name in enumerate(DBS)}
+_OP_HEAD = struct.Struct("<BI")
+_VLEN = struct.Struct("<I")
+_DELETE = 0xFFFFFFFF
+
+
+def encode_ops(ops: Iterable[Op]) -> bytes:
+    """Serialize a batch of ops for the write-ahead log."""
+    parts: list[bytes] = []
+    for db, key, value in ops:
+        parts.append(_OP_HEAD.pack(_DB_IDS[db], len(key)))
+        parts.append(key)
+        if value is None:
+            parts.append(_VLEN.pack(_DELETE))
+        else:
+            parts.append(_VLEN.pack(len(value)))
+            parts.append(value)
+    return b"".join(parts)
+
+
+def decode_ops(raw: bytes) -> list[Op]:
+    """Inverse of :func:`encode_ops`; raises ValueError on malformed input."""
+    ops: list[Op] = []
+    off = 0
+    try:
+        while off < len(raw):
+            db_id, klen = _OP_HEAD.unpack_from(raw, off)
+            off += _OP_HEAD.size
+            key = raw[off : off + klen]
+            off += klen
+            (vlen,) = _VLEN.unpack_from(raw, off)
+            off += _VLEN.size
+            value = None
+            if vlen != _DELETE:
+                value = raw[off : off + vlen]
+                off += vlen
+            if len(key) != klen or (value is not None and len(value) != vlen):
+                raise ValueError("truncated op")
+            ops.append((DBS[db_id], key, value))
+    except (struct.error, IndexError) as exc:
+        raise ValueError(f"malformed op batch: {exc}") from exc
+    return ops
 
 
 def pack_i64(v: int) -> bytes:

@@ -21,6 +21,7 @@ from .config import (
     ConfigError,
     parse_urls,
 )
+from .wal import WalError
 
 log = logging.getLogger("coord_server")
 
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except BackendError as exc:
+    except (BackendError, WalError) as exc:
         log.critical("%s", exc)
         return 1
     except OSError as exc:

@@ -18,6 +18,7 @@ from . import errors
 from .config import Config
 from .counters import Counters
 from .mvcc import Record, Store
+from .wal import Wal, WalCorrupt
 from .writer import Writer
 
 log = logging.getLogger("coord_server.node")
@@ -148,6 +149,22 @@ def open_node(config: Config, *, on_fatal: Callable[[BaseException], None]) -> N
     mid, cid = config.ids()
     quota = config.quota()
     backend = be.Backend(config.resolved_data_dir(), map_size=max(2 * quota, quota + (1 << 30)))
+    wal = Wal(backend.dir / "wal")
+    try:
+        meta = backend.meta()
+        applied = be.unpack_i64(meta[be.WAL_INDEX]) if be.WAL_INDEX in meta else 0
+        replay = wal.open(applied)
+        if replay:
+            # Acknowledged batches the backend had not received yet: apply them, in order, in one commit.
+            ops: list[be.Op] = []
+            for entry in replay:
+                ops.extend(be.decode_ops(entry.payload))
+            ops.append((b"meta", be.WAL_INDEX, be.pack_i64(replay[-1].index)))
+            backend.commit(ops)
+            log.info("replayed %d log records (indexes %d-%d)", len(replay), replay[0].index, replay[-1].index)
+            wal.release(replay[-1].index)
+    except ValueError as exc:
+        raise WalCorrupt(f"undecodable log record: {exc}") from exc
     meta = backend.meta()
     rev = be.unpack_i64(meta[be.CONSISTENT_REV]) if be.CONSISTENT_REV in meta else 1
     scheduled = be.unpack_i64(meta[be.SCHEDULED_COMPACT]) if be.SCHEDULED_COMPACT in meta else -1
@@ -164,7 +181,7 @@ def open_node(config: Config, *, on_fatal: Callable[[BaseException], None]) -> N
     index += 1
     backend.commit([(b"meta", be.TERM, be.pack_i64(term)), (b"meta", be.CONSISTENT_INDEX, be.pack_i64(index))])
     counters = Counters()
-    writer = Writer(store, backend, counters, raft_index=index, on_fatal=on_fatal)
+    writer = Writer(store, backend, wal, counters, raft_index=index, on_fatal=on_fatal)
     if scheduled > finished:
         log.info("resuming compaction at revision %d", scheduled)
         writer.schedule_compaction(scheduled)
