@@ -166,3 +166,19 @@ async def test_identity_headers_and_member_list(tmp_path: Path) -> None:
             status = await rpc_pb2_grpc.MaintenanceStub(ch).Status(rpc_pb2.StatusRequest())
             assert status.leader == status.header.member_id and status.raftTerm == 2
             assert status.version == "3.4.23"
+
+
+async def test_corrupt_log_refuses_to_start(tmp_path: Path) -> None:
+    from coord_server.wal import WalCorrupt
+
+    with anyio.fail_after(30):
+        async with running(tmp_path) as (server, ch):
+            for i in range(5):
+                await rpc_pb2_grpc.KVStub(ch).Put(rpc_pb2.PutRequest(key=b"c%d" % i, value=b"v" * 700))
+        seg = sorted((tmp_path / "member" / "wal").glob("*.wal"))[-1]
+        data = bytearray(seg.read_bytes())
+        data[200] ^= 0x04
+        seg.write_bytes(bytes(data))
+        with pytest.raises(WalCorrupt):
+            async with running(tmp_path):
+                pass
