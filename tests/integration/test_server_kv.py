@@ -37,7 +37,7 @@ async def running(data_dir: Path, **kw: object) -> AsyncIterator[tuple[Server, g
 
 async def test_put_range_restart_keeps_history_and_compaction(tmp_path: Path) -> None:
     with anyio.fail_after(30):
-        async with running(tmp_path) as (server, ch):
+        async with running(tmp_path) as (_, ch):
             kv = rpc_pb2_grpc.KVStub(ch)
             revs = []
             for i in range(20):
@@ -50,7 +50,7 @@ async def test_put_range_restart_keeps_history_and_compaction(tmp_path: Path) ->
             old = await kv.Range(rpc_pb2.RangeRequest(key=b"k", range_end=b"l", revision=15))
             hkv = await rpc_pb2_grpc.MaintenanceStub(ch).HashKV(rpc_pb2.HashKVRequest())
             term = before.header.raft_term
-        async with running(tmp_path) as (server, ch):
+        async with running(tmp_path) as (_, ch):
             kv = rpc_pb2_grpc.KVStub(ch)
             after = await kv.Range(rpc_pb2.RangeRequest(key=b"k", range_end=b"l"))
             assert list(after.kvs) == list(before.kvs)
@@ -137,7 +137,7 @@ async def test_alarm_survives_restart(tmp_path: Path) -> None:
 
 async def test_defragment_shrinks_and_keeps_data(tmp_path: Path) -> None:
     with anyio.fail_after(30):
-        async with running(tmp_path) as (server, ch):
+        async with running(tmp_path) as (_, ch):
             kv = rpc_pb2_grpc.KVStub(ch)
             for i in range(200):
                 await kv.Put(rpc_pb2.PutRequest(key=b"d%03d" % i, value=b"y" * 4000))
@@ -156,7 +156,7 @@ async def test_defragment_shrinks_and_keeps_data(tmp_path: Path) -> None:
 
 async def test_identity_headers_and_member_list(tmp_path: Path) -> None:
     with anyio.fail_after(30):
-        async with running(tmp_path) as (server, ch):
+        async with running(tmp_path) as (_, ch):
             members = await rpc_pb2_grpc.ClusterStub(ch).MemberList(rpc_pb2.MemberListRequest())
             # etcd's derivation for the default peer URL and token (checked against etcd 3.4.23).
             assert members.header.member_id == 0x8E9E05C52164694D
@@ -172,7 +172,7 @@ async def test_corrupt_log_refuses_to_start(tmp_path: Path) -> None:
     from coord_server.wal import WalCorrupt
 
     with anyio.fail_after(30):
-        async with running(tmp_path) as (server, ch):
+        async with running(tmp_path) as (_, ch):
             for i in range(5):
                 await rpc_pb2_grpc.KVStub(ch).Put(rpc_pb2.PutRequest(key=b"c%d" % i, value=b"v" * 700))
         seg = sorted((tmp_path / "member" / "wal").glob("*.wal"))[-1]

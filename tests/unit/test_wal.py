@@ -133,7 +133,7 @@ def test_bit_flip_in_an_older_record_refuses_to_start(tmp_path: Path) -> None:
 
 def test_bit_flip_in_the_last_record_without_zero_sector_refuses(tmp_path: Path) -> None:
     written = write_log(tmp_path, 10, size=300)
-    seg, start, length = last_record_span(tmp_path, written)
+    seg, start, _ = last_record_span(tmp_path, written)
     data = bytearray(seg.read_bytes())
     data[start + 20] ^= 0x01
     seg.write_bytes(bytes(data))
