@@ -19,12 +19,14 @@ from typing import Protocol, runtime_checkable
 from ._version import CLUSTER_VERSION, SERVER_VERSION
 
 __all__ = [
+    "CORS_HEADERS",
     "BodyTooLarge",
     "DefaultHttpApp",
     "HttpApp",
     "HttpHandler",
     "HttpRequest",
     "HttpResponse",
+    "go_headers",
     "text_response",
 ]
 
@@ -103,15 +105,30 @@ HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 """A bare async function is accepted wherever an :class:`HttpApp` is."""
 
 
+CORS_HEADERS: list[tuple[str, str]] = [
+    ("Access-Control-Allow-Headers", "accept, content-type, authorization"),
+    ("Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE"),
+    ("Access-Control-Allow-Origin", "*"),
+]
+"""etcd 3.4 puts these on every HTTP response of the client port (gateway, /version, 404s)."""
+
+
+def go_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers in the order Go's net/http writes them (sorted by name; Date/Content-Length come after)."""
+    return sorted(headers, key=lambda item: item[0])
+
+
 def text_response(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
-    """A text/plain reply shaped like Go's ``http.Error`` (etcd's 404/405/400 bodies)."""
+    """A text/plain reply shaped like Go's ``http.Error`` (etcd's 404/405 bodies); ``headers`` are added."""
     return HttpResponse(
         status,
-        [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("X-Content-Type-Options", "nosniff"),
-            *(headers or []),
-        ],
+        go_headers(
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("X-Content-Type-Options", "nosniff"),
+                *(headers or []),
+            ]
+        ),
         text.encode(),
     )
 
@@ -120,7 +137,10 @@ NOT_FOUND_TEXT = "404 page not found\n"
 
 
 class DefaultHttpApp:
-    """etcd's ``/version``; ``404 page not found`` for everything else. The gateway replaces it."""
+    """etcd's ``/version``; ``404 page not found`` for everything else (CORS headers on all, as etcd).
+
+    The gateway replaces it (and can delegate the paths it does not own to it).
+    """
 
     def __init__(self) -> None:
         self._version = json.dumps(
@@ -132,9 +152,7 @@ class DefaultHttpApp:
             if request.method != "GET":
                 # etcd's allowMethod(): http.Error(w, "Method Not Allowed", 405) with Allow.
                 return text_response(
-                    HTTPStatus.METHOD_NOT_ALLOWED,
-                    "Method Not Allowed\n",
-                    [("Allow", "GET")],
+                    HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n", [*CORS_HEADERS, ("Allow", "GET")]
                 )
-            return HttpResponse(200, [("Content-Type", "application/json")], self._version)
-        return text_response(HTTPStatus.NOT_FOUND, NOT_FOUND_TEXT)
+            return HttpResponse(200, go_headers([*CORS_HEADERS, ("Content-Type", "application/json")]), self._version)
+        return text_response(HTTPStatus.NOT_FOUND, NOT_FOUND_TEXT, CORS_HEADERS)

@@ -370,7 +370,9 @@ class ClientListener:
             for http_conn in list(self._http):
                 http_conn.abort()
             self._h2.clear()
-            await self._grpc.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
         finally:
             self._closed.set()
 
@@ -417,6 +419,9 @@ class ClientListener:
         self._calls[task] = method.kind
         code = Code.OK
         try:
+            if self._closing:
+                # Arrived after our GOAWAY: not executed, so the client may safely retry it.
+                raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
             ctx = self._context(stream)
             if method.kind is Kind.UNARY:
                 request = await self._recv_one(stream, method.request_type)
@@ -430,6 +435,12 @@ class ClientListener:
             code = exc.code
             raise GRPCError(Status(int(exc.code)), exc.message) from None
         except asyncio.CancelledError:
+            if not task.cancelling():
+                # Not this call being cancelled: the service let a stray CancelledError escape
+                # (e.g. it awaited a future someone else cancelled). Answer instead of hanging the client.
+                code = Code.CANCELLED
+                log.warning("%s raised CancelledError without being cancelled", method.path, exc_info=True)
+                raise GRPCError(Status.CANCELLED, "context canceled") from None
             dl = stream.deadline
             code = Code.DEADLINE_EXCEEDED if dl is not None and dl.time_remaining() <= 0 else Code.CANCELLED
             raise
@@ -477,9 +488,7 @@ class ClientListener:
             flag = prefix[0]
             size = int.from_bytes(prefix[1:5], "big")
             if flag == 1:
-                raise EtcdError(
-                    Code.UNIMPLEMENTED, "grpc: compressed messages are not supported (compressed flag set)"
-                )
+                raise EtcdError(Code.UNIMPLEMENTED, "grpc: compressed messages are not supported (compressed flag set)")
             if flag != 0:
                 raise EtcdError(Code.INTERNAL, f"grpc: received unexpected payload format {flag}")
             if size > self.max_recv_bytes:
@@ -509,7 +518,7 @@ class ClientListener:
             async for response in responses:
                 await stream.send_message(response)
                 # grpclib's send does not yield while the window allows: let other streams run.
-                pass
+                await asyncio.sleep(0)
         finally:
             aclose = getattr(responses, "aclose", None)
             if aclose is not None:
@@ -778,6 +787,8 @@ class _HttpConnection(asyncio.Protocol):
             response = text_response(500, "Internal Server Error\n")
         if not await self._respond(request, response):
             return False
+        if self._h11.they_are_waiting_for_100_continue:
+            return False  # the client holds its body back: it cannot be drained, close instead
         # Drain what the app did not read of the request body, then reuse the connection.
         drained = 0
         while keep and self._h11.their_state is h11.SEND_BODY:
