@@ -60,24 +60,28 @@ async def open_server(config: Config) -> AsyncIterator[Server]:
         node.counters.rpc_handled[(svc, name, code.name)] += 1
 
     try:
+        methods = all_methods(node)
+        for url in config.listen_client_urls:
+            addr = listen_address(url)
+            listener = ClientListener(methods, DefaultHttpApp(), max_recv_bytes=config.max_recv_bytes(),
+                                      on_rpc_done=on_rpc_done)
+            server.listeners.append(listener)
+            port = await listener.start(addr.host, addr.port)
+            server.addresses.append((addr.host, port))
         async with anyio.create_task_group() as tg:
             await tg.start(node.writer.run)
-            methods = all_methods(node)
-            for url in config.listen_client_urls:
-                addr = listen_address(url)
-                listener = ClientListener(methods, DefaultHttpApp(), max_recv_bytes=config.max_recv_bytes(),
-                                          on_rpc_done=on_rpc_done)
-                port = await listener.start(addr.host, addr.port)
-                server.listeners.append(listener)
-                server.addresses.append((addr.host, port))
             try:
                 yield server
             finally:
+                # Close listeners while the writer still runs, so in-flight writes can finish.
                 with anyio.CancelScope(shield=True):
                     for listener in server.listeners:
                         await listener.close()
                 tg.cancel_scope.cancel()
     finally:
+        with anyio.CancelScope(shield=True):
+            for listener in server.listeners:  # idempotent; covers a failed start
+                await listener.close()
         node.writer.close()
         node.writer.wal.close()
         node.backend.close()
