@@ -232,14 +232,12 @@ class Store:
         it = self._iter_range(req.key, req.range_end, rev)
         filtered = bool(req.min_mod_revision or req.max_mod_revision or req.min_create_revision
                         or req.max_create_revision)
-        sort_order = req.sort_order
-        if req.sort_target != RangeRequest.KEY and sort_order == RangeRequest.NONE:
-            sort_order = RangeRequest.ASCEND
         limit = req.limit
         if req.count_only:
             return RangeResult([], sum(1 for _ in it), False)
-        if not filtered and sort_order == RangeRequest.NONE and limit > 0:
-            # Key order already; keep only limit+1 but count everything.
+        if not filtered and req.sort_order == RangeRequest.NONE and limit > 0:
+            # etcd reads limit+1 keys in key order (still counting all), and only then sorts:
+            # with a sort target but no order, the sort applies to that first page only.
             kvs = []
             count = 0
             for kv in it:
@@ -251,14 +249,17 @@ class Store:
             count = len(kvs)
             if filtered:
                 kvs = [kv for kv in kvs if _passes_filters(req, kv)]
-            if sort_order != RangeRequest.NONE:
-                target = req.sort_target
-                reverse = sort_order == RangeRequest.DESCEND
-                if target == RangeRequest.KEY:
-                    if reverse:
-                        kvs.reverse()
-                else:
-                    kvs.sort(key=_SORT_KEYS[target], reverse=reverse)
+        sort_order = req.sort_order
+        if req.sort_target != RangeRequest.KEY and sort_order == RangeRequest.NONE:
+            sort_order = RangeRequest.ASCEND
+        if sort_order in (RangeRequest.ASCEND, RangeRequest.DESCEND):  # etcd 3.4 ignores unknown orders
+            target = req.sort_target
+            reverse = sort_order == RangeRequest.DESCEND
+            if target == RangeRequest.KEY:
+                if reverse:
+                    kvs.reverse()
+            else:
+                kvs.sort(key=_SORT_KEYS[target], reverse=reverse)
         more = False
         if limit > 0 and len(kvs) > limit:
             del kvs[limit:]
@@ -376,8 +377,8 @@ class Store:
             raise errors.COMPACTED
         if rev > current:
             raise errors.FUTURE_REV
-        if rev <= 0:
-            rev = current
+        if rev == 0:
+            rev = current  # only 0 means "current": a negative revision hashes no record, as in etcd
         keep = self.keep(rev)
         lower = self.compact_rev + 1
         records = [rec for hist in self._index.values() for rec in hist.records if rec.main <= rev]

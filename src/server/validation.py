@@ -12,14 +12,15 @@ from coord._pb import rpc_pb2
 
 from . import errors
 
-_SORT_ORDERS = frozenset(rpc_pb2.RangeRequest.SortOrder.values())
 _SORT_TARGETS = frozenset(rpc_pb2.RangeRequest.SortTarget.values())
 
 
 def check_range(r: rpc_pb2.RangeRequest) -> None:
+    """etcd 3.4 checks only the key. An unknown sort_order is ignored (keys come back in key order);
+    an unknown sort_target makes etcd 3.4 panic, so we answer etcd 3.5's error for it instead."""
     if not r.key:
         raise errors.EMPTY_KEY
-    if r.sort_order not in _SORT_ORDERS or r.sort_target not in _SORT_TARGETS:
+    if r.sort_target not in _SORT_TARGETS:
         raise errors.INVALID_SORT_OPTION
 
 
@@ -45,15 +46,17 @@ def check_txn(r: rpc_pb2.TxnRequest, max_ops: int) -> None:
 
 
 def _check_txn_shape(r: rpc_pb2.TxnRequest, max_ops: int) -> None:
-    if len(r.compare) > max_ops or len(r.success) > max_ops or len(r.failure) > max_ops:
+    opc = max(len(r.compare), len(r.success), len(r.failure))
+    if opc > max_ops:
         raise errors.TOO_MANY_OPS
     for c in r.compare:
         if not c.key:
             raise errors.EMPTY_KEY
+    # Nested txns get what is left of the budget after the largest list of this level.
     for op in r.success:
-        _check_op(op, max_ops - len(r.success))
+        _check_op(op, max_ops - opc)
     for op in r.failure:
-        _check_op(op, max_ops - len(r.failure))
+        _check_op(op, max_ops - opc)
 
 
 def _check_op(op: rpc_pb2.RequestOp, max_ops: int) -> None:
