@@ -26,6 +26,8 @@ from pathlib import Path
 
 import lmdb
 
+from ._fs import fsync_dir
+
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 
@@ -110,7 +112,7 @@ class Backend:
         self.path = self.dir / "db"
         self.map_size = map_size
         self.dir.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(self.dir.parent)
+        fsync_dir(self.dir.parent)
         self._open()
 
     def _open(self) -> None:
@@ -122,7 +124,7 @@ class Backend:
             self.dbs = {name: self.env.open_db(name) for name in DBS}
         except lmdb.Error as exc:
             raise BackendError(f"cannot open backend {self.path}: {exc}") from exc
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def close(self) -> None:
         self.env.close()
@@ -199,7 +201,7 @@ class Backend:
                 os.close(fd)
             self.env.close()
             os.replace(tmp, self.path)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except (OSError, lmdb.Error) as exc:
             raise BackendError(f"defragment failed: {exc}") from exc
         self._open()
@@ -223,10 +225,3 @@ class Backend:
                 pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return pages * psize
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import crc32c
 
+from ._fs import fsync_dir
+
 log = logging.getLogger("coord_server.wal")
 
 SEGMENT_SIZE = 64 * 1024 * 1024
@@ -79,13 +81,6 @@ class _Segment:
     seq: int
     first_index: int
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_torn_tail(data: bytes, off: int) -> bool:
@@ -214,7 +209,7 @@ class Wal:
             f.write(b"\0" * (max(size, self.segment_size) - offset))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self.repaired = broken
         log.warning("repaired torn write in %s at offset %d (%s); original kept as %s",
                     seg.path.name, offset, problem, broken.name)
@@ -233,7 +228,7 @@ class Wal:
             raise
         path = self.dir / name
         os.replace(tmp, path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd
@@ -273,7 +268,7 @@ class Wal:
             seg.path.unlink(missing_ok=True)
         if keep_from:
             self._segments = self._segments[keep_from:]
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,26 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
+from helpers.procs import free_port
 
 from coord._pb import rpc_pb2, rpc_pb2_grpc
 
 READY_MARK = "ready: serving client requests on"
 READY_TIMEOUT = 30.0  # generous: a server under strace -f starts several times slower
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and not handed out before by this process."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free port found")
-
 
 class ServerExited(RuntimeError):
     """The server process ended before it said it was ready."""
