@@ -151,11 +151,24 @@ class Backend:
         try:
             with self.env.begin(write=True) as txn:
                 dbs = self.dbs
+                run: list[tuple[bytes, bytes]] = []
+                run_db = b""
                 for db, key, value in ops:
+                    if value is not None and (db == run_db or not run):
+                        run_db = db
+                        run.append((key, value))
+                        continue
+                    if run:
+                        # putmulti runs in C: a large flush holds the GIL (and the event loop) far less.
+                        txn.cursor(db=dbs[run_db]).putmulti(run)
+                        run = []
                     if value is None:
                         txn.delete(key, db=dbs[db])
                     else:
-                        txn.put(key, value, db=dbs[db])
+                        run_db = db
+                        run.append((key, value))
+                if run:
+                    txn.cursor(db=dbs[run_db]).putmulti(run)
         except lmdb.Error as exc:
             raise BackendError(f"backend commit failed: {exc}") from exc
 
