@@ -26,6 +26,7 @@ import json
 import logging
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any, Final, cast
@@ -300,6 +301,8 @@ class ClientListener:
         self._port = 0
         self._sniffers: set[_Sniffer] = set()
         self._h2: dict[asyncio.Transport, H2Protocol] = {}
+        self._writers: weakref.WeakKeyDictionary[asyncio.Transport, _CoalescingTransport] = (
+            weakref.WeakKeyDictionary())
         self._h2_gc = 0
         self._http: set[_HttpConnection] = set()
         self._calls: dict[asyncio.Task[Any], Kind] = {}
@@ -349,7 +352,8 @@ class ClientListener:
             for transport, proto in self._live_h2():
                 with contextlib.suppress(Exception):
                     last = proto.connection._connection.highest_inbound_stream_id
-                    transport.write(GoAwayFrame(0, last_stream_id=last, error_code=0).serialize())
+                    self._writer_for(transport).write(
+                        GoAwayFrame(0, last_stream_id=last, error_code=0).serialize())
             for task, kind in list(self._calls.items()):
                 if kind is not Kind.UNARY:
                     task.cancel()
@@ -366,7 +370,7 @@ class ClientListener:
                     for fut in pending:
                         fut.cancel()
             for transport, _ in self._live_h2():
-                transport.close()
+                self._writer_for(transport).close()  # sends what is still gathered first
             for http_conn in list(self._http):
                 http_conn.abort()
             self._h2.clear()
@@ -386,13 +390,19 @@ class ClientListener:
         self._h2 = {t: p for t, p in self._h2.items() if not t.is_closing()}
         return list(self._h2.items())
 
+    def _writer_for(self, transport: asyncio.Transport) -> asyncio.Transport:
+        writer = self._writers.get(transport)
+        return transport if writer is None else cast(asyncio.Transport, writer)
+
     def _grpc_protocol(self, transport: asyncio.Transport) -> asyncio.Protocol:
         assert self._grpc is not None
         self._h2_gc += 1
         if self._h2_gc % 32 == 0:
             self._live_h2()
         proto = self._grpc._protocol_factory()
-        proto.connection_made(transport)
+        writer = _CoalescingTransport(transport)
+        self._writers[transport] = writer
+        proto.connection_made(cast(asyncio.Transport, writer))
         if self._max_streams != 100:  # h2 announces 100; etcd (grpc-go) allows 2^32-1
             h2conn = proto.connection._connection
             h2conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self._max_streams})
@@ -565,6 +575,50 @@ class ClientListener:
 
 # --------------------------------------------------------------------------------------------------
 # protocol sniffing
+
+
+class _CoalescingTransport:
+    """The transport grpclib writes to: frames gathered and sent in one write per loop iteration.
+
+    grpclib writes headers, data and trailers of every reply separately (three syscalls
+    per unary call); gathering them until the loop has run its ready callbacks cut the
+    write calls ~30-fold and raised c=64 throughput by about a third (docs/performance.md).
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._buf: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf.append(bytes(data))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def writelines(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._buf.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _Sniffer(asyncio.Protocol):

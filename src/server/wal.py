@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,8 @@ class Wal:
         self.last_index = 0
         self.repaired: Path | None = None
         self._segments: list[_Segment] = []
+        # release() runs in a worker thread beside appends that may add a segment.
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ recovery
 
@@ -233,7 +236,8 @@ class Wal:
             os.close(self._fd)
         self._fd = fd
         seg = _Segment(path, seq, first_index)
-        self._segments.append(seg)
+        with self._lock:
+            self._segments.append(seg)
         self._segment = seg
         self._offset = 0
 
@@ -260,14 +264,17 @@ class Wal:
 
     def release(self, applied_index: int) -> None:
         """Delete segments whose every record is at or below ``applied_index`` (never the live one)."""
-        keep_from = 0
-        for i in range(len(self._segments) - 1):
-            if self._segments[i + 1].first_index <= applied_index + 1:
-                keep_from = i + 1
-        for seg in self._segments[:keep_from]:
+        with self._lock:
+            segs = self._segments
+            keep_from = 0
+            for i in range(len(segs) - 1):
+                if segs[i + 1].first_index <= applied_index + 1:
+                    keep_from = i + 1
+            doomed = segs[:keep_from]
+            del segs[:keep_from]
+        for seg in doomed:
             seg.path.unlink(missing_ok=True)
-        if keep_from:
-            self._segments = self._segments[keep_from:]
+        if doomed:
             fsync_dir(self.dir)
 
     def close(self) -> None:
@@ -277,5 +284,7 @@ class Wal:
 
     def entries(self) -> Iterator[Entry]:
         """Every intact entry on disk (for tests and tools)."""
-        for seg in self._segments:
+        with self._lock:
+            segs = list(self._segments)
+        for seg in segs:
             yield from _scan(seg.path.read_bytes(), None)[0]
