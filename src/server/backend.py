@@ -122,6 +122,7 @@ class Backend:
                 sync=True, metasync=True, readahead=False, meminit=False, lock=True,
             )
             self.dbs = {name: self.env.open_db(name) for name in DBS}
+            self._size = self._file_size()
         except lmdb.Error as exc:
             raise BackendError(f"cannot open backend {self.path}: {exc}") from exc
         fsync_dir(self.dir)
@@ -169,6 +170,7 @@ class Backend:
                         run.append((key, value))
                 if run:
                     txn.cursor(db=dbs[run_db]).putmulti(run)
+            self._size = self._file_size()
         except lmdb.Error as exc:
             raise BackendError(f"backend commit failed: {exc}") from exc
 
@@ -222,7 +224,11 @@ class Backend:
     # ------------------------------------------------------------------ sizes
 
     def size(self) -> int:
-        """Bytes the database file occupies (etcd's dbSize)."""
+        """Bytes the database file occupies (etcd's dbSize), as of the last commit. Cheap: the
+        quota check calls it for every write."""
+        return self._size
+
+    def _file_size(self) -> int:
         info = self.env.info()
         return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
 

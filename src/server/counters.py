@@ -24,6 +24,7 @@ class Counters:
     commit_seconds: float = 0.0
     commit_batch_sizes: _Tally[int] = field(default_factory=_Tally)  # jobs per commit -> how many commits
     proposals_failed: int = 0
+    lone_writes: int = 0  # writes applied and logged directly by the caller (no other request open)
     rpc_handled: _Tally[tuple[str, str, str]] = field(default_factory=_Tally)  # (service, method, code)
 
     def observe_commit(self, jobs: int, ops: int, seconds: float) -> None:
@@ -47,5 +48,6 @@ class Counters:
             "commit_seconds": self.commit_seconds,
             "commit_batch_sizes": dict(self.commit_batch_sizes),
             "proposals_failed": self.proposals_failed,
+            "lone_writes": self.lone_writes,
             "rpc_handled": dict(self.rpc_handled),
         }

@@ -386,6 +386,19 @@ class ClientListener:
 
     # -- connections -----------------------------------------------------------------------------
 
+    def open_streams(self) -> int:
+        """HTTP/2 streams clients have open on this listener now, answered or not.
+
+        Counted from h2's state, so requests read in the same socket read as the current
+        one are included even before their handler tasks ran (the write path uses this to
+        tell a lone write from a burst).
+        """
+        total = 0
+        for transport, proto in self._h2.items():
+            if not transport.is_closing():
+                total += proto.connection._connection.open_inbound_streams
+        return total
+
     def _live_h2(self) -> list[tuple[asyncio.Transport, H2Protocol]]:
         self._h2 = {t: p for t, p in self._h2.items() if not t.is_closing()}
         return list(self._h2.items())

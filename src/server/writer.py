@@ -83,6 +83,9 @@ class Writer:
         self._unflushed_index = 0
         self._flush_due = math.inf
         self._flushing: anyio.Event | None = None
+        self._parked = False  # the writer task waits for work with nothing queued or in flight
+        # Requests open at the transports right now (set by the server); 0 when unknown.
+        self.concurrency: Callable[[], int] = lambda: 0
         self.counters = counters
         self.visible_rev = store.rev
         self.raft_index = raft_index
@@ -108,6 +111,13 @@ class Writer:
         """
         if self._failed is not None:
             raise errors.STOPPED
+        if not barrier and self._parked and self.concurrency() <= 1:
+            # A lone write with no other request open: apply, log and publish right here,
+            # saving the hand-offs to the writer task. Under concurrency writes take the
+            # queue, so that they share one sync (group commit).
+            result = self._run_now(fn)
+            await anyio.lowlevel.checkpoint()
+            return result
         job: _Job[T] = _Job(fn, barrier)
         self.counters.pending_writes += 1
         self._send.send_nowait(job)
@@ -115,6 +125,29 @@ class Writer:
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
+
+    def _run_now(self, fn: Callable[[], T]) -> T:
+        try:
+            result = fn()
+        except errors.EtcdError:
+            raise
+        except Exception as exc:  # a bug in one job must not take the writer down
+            log.exception("write job failed")
+            raise errors.EtcdError(errors.Code.UNKNOWN, str(exc)) from exc
+        finally:
+            self.raft_index += 1
+        ops = self._pending_ops()
+        if ops:
+            started = time.perf_counter()
+            try:
+                index = self.wal.append(be.encode_ops(ops))
+            except WalError as exc:
+                self._fail(exc)
+                raise errors.STOPPED from exc
+            self._logged(1, ops, index, started)
+            self.counters.lone_writes += 1
+        self._publish()
+        return result
 
     async def exclusive(self, fn: Callable[[], T]) -> T:
         """Run blocking ``fn`` in a worker thread with no write in flight (defragment). A checkpoint."""
@@ -183,8 +216,14 @@ class Writer:
             except anyio.WouldBlock:
                 if self._compaction is not None:
                     return None
-                with anyio.move_on_after(self._flush_due - time.monotonic() if self._unflushed else math.inf):
-                    job = await self._recv.receive()
+                # Wake at least every FLUSH_INTERVAL: fast-path writes add unflushed ops meanwhile.
+                wait = self._flush_due - time.monotonic() if self._unflushed else FLUSH_INTERVAL
+                self._parked = True
+                try:
+                    with anyio.move_on_after(wait):
+                        job = await self._recv.receive()
+                finally:
+                    self._parked = False
                 if job is None:
                     return None
         batch = [job]
@@ -230,7 +269,6 @@ class Writer:
             await anyio.lowlevel.checkpoint()
 
     async def _process(self, batch: list[_Job[Any]]) -> None:
-        store = self.store
         if batch[0].barrier:
             # Compaction and exclusive backend work see every earlier write in the backend.
             await self.flush()
@@ -249,13 +287,8 @@ class Writer:
                     log.exception("write job failed")
                     job.error = errors.EtcdError(errors.Code.UNKNOWN, str(exc))
             self.raft_index += len(batch)
-            records = store.take_pending()
-            ops: list[be.Op] = [(b"key", r.backend_key(), r.backend_value()) for r in records]
-            ops.extend(self.extra_ops)
-            self.extra_ops = []
+            ops = self._pending_ops()
             if ops:
-                ops.append((b"meta", be.CONSISTENT_REV, be.pack_i64(store.rev)))
-                ops.append((b"meta", be.CONSISTENT_INDEX, be.pack_i64(self.raft_index)))
                 payload = be.encode_ops(ops)
                 started = time.perf_counter()
                 if len(batch) == 1 and self._idle():
@@ -264,23 +297,41 @@ class Writer:
                     index = self.wal.append(payload)
                 else:
                     index = await anyio.to_thread.run_sync(self.wal.append, payload)
-                self.counters.observe_commit(len(batch), len(ops), time.perf_counter() - started)
-                if not self._unflushed:
-                    self._flush_due = time.monotonic() + FLUSH_INTERVAL
-                self._unflushed.extend(ops)
-                self._unflushed_index = index
+                self._logged(len(batch), ops, index, started)
         except BaseException:
             for job in batch:
                 job.error = errors.STOPPED
                 job.done.set()
             self.counters.pending_writes -= len(batch)
             raise
-        self.visible_rev = store.rev
-        for hook in self.publish_hooks:
-            hook(store.rev)
+        self._publish()
         self.counters.pending_writes -= len(batch)
         for job in batch:
             job.done.set()
+
+    def _pending_ops(self) -> list[be.Op]:
+        """The backend ops for everything applied since the last call (empty if nothing changed)."""
+        store = self.store
+        ops: list[be.Op] = [(b"key", r.backend_key(), r.backend_value()) for r in store.take_pending()]
+        ops.extend(self.extra_ops)
+        self.extra_ops = []
+        if ops:
+            ops.append((b"meta", be.CONSISTENT_REV, be.pack_i64(store.rev)))
+            ops.append((b"meta", be.CONSISTENT_INDEX, be.pack_i64(self.raft_index)))
+        return ops
+
+    def _logged(self, jobs: int, ops: list[be.Op], index: int, started: float) -> None:
+        self.counters.observe_commit(jobs, len(ops), time.perf_counter() - started)
+        if not self._unflushed:
+            self._flush_due = time.monotonic() + FLUSH_INTERVAL
+        self._unflushed.extend(ops)
+        self._unflushed_index = index
+
+    def _publish(self) -> None:
+        """Make the applied revision visible: reads, then watchers (hooks)."""
+        self.visible_rev = self.store.rev
+        for hook in self.publish_hooks:
+            hook(self.store.rev)
 
     def _idle(self) -> bool:
         return self._carry is None and self._recv.statistics().current_buffer_used == 0

@@ -37,13 +37,15 @@ async def running(data_dir: Path, **kw: object) -> AsyncIterator[tuple[Server, g
 
 async def test_put_range_restart_keeps_history_and_compaction(tmp_path: Path) -> None:
     with anyio.fail_after(30):
-        async with running(tmp_path) as (_, ch):
+        async with running(tmp_path) as (server, ch):
             kv = rpc_pb2_grpc.KVStub(ch)
             revs = []
             for i in range(20):
                 resp = await kv.Put(rpc_pb2.PutRequest(key=b"k%d" % (i % 5), value=b"v%d" % i))
                 revs.append(resp.header.revision)
             assert revs == list(range(2, 22))
+            # One client, one call at a time: the writes take the lone-write path (no queue hand-off).
+            assert server.node.counters.lone_writes >= 15
             await kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"k4"))
             await kv.Compact(rpc_pb2.CompactionRequest(revision=10, physical=True))
             before = await kv.Range(rpc_pb2.RangeRequest(key=b"k", range_end=b"l"))
