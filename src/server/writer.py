@@ -118,7 +118,9 @@ class Writer:
             result = self._run_now(fn)
             await anyio.lowlevel.checkpoint()
             return result
-        job: _Job[T] = _Job(fn, barrier)
+        return await self._enqueue(_Job(fn, barrier))
+
+    async def _enqueue(self, job: _Job[T]) -> T:
         self.counters.pending_writes += 1
         self._send.send_nowait(job)
         await job.done.wait()
@@ -153,13 +155,7 @@ class Writer:
         """Run blocking ``fn`` in a worker thread with no write in flight (defragment). A checkpoint."""
         if self._failed is not None:
             raise errors.STOPPED
-        job: _Job[T] = _Job(fn, True, True)
-        self.counters.pending_writes += 1
-        self._send.send_nowait(job)
-        await job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[return-value]
+        return await self._enqueue(_Job(fn, True, True))
 
     async def wait_compaction(self) -> None:
         """Wait until the physical deletion of the last compaction is done. A checkpoint."""
