@@ -117,8 +117,8 @@ async def serve(config: Config) -> int:
                 tg.start_soon(watch_fatal)
     c = server.node.counters
     if c.commits:
-        log.info("write path: %d jobs in %d log syncs (largest batch %d)", c.committed_jobs, c.commits,
-                 max(c.commit_batch_sizes))
+        log.info("write path: %d jobs in %d log syncs (%d lone writes, largest batch %d)",
+                 c.committed_jobs, c.commits, c.lone_writes, max(c.commit_batch_sizes))
     if server.fatal is not None:
         log.critical("stopped after a backend failure: %s", server.fatal)
         return 1
