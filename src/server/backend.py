@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterable, Iterator
+from itertools import groupby
 from pathlib import Path
 
 import lmdb
@@ -151,25 +152,14 @@ class Backend:
         """
         try:
             with self.env.begin(write=True) as txn:
-                dbs = self.dbs
-                run: list[tuple[bytes, bytes]] = []
-                run_db = b""
-                for db, key, value in ops:
-                    if value is not None and (db == run_db or not run):
-                        run_db = db
-                        run.append((key, value))
-                        continue
-                    if run:
-                        # putmulti runs in C: a large flush holds the GIL (and the event loop) far less.
-                        txn.cursor(db=dbs[run_db]).putmulti(run)
-                        run = []
-                    if value is None:
-                        txn.delete(key, db=dbs[db])
+                # Runs of puts to one database go through putmulti, which loops in C: a large
+                # flush then holds the GIL (and the event loop) far less. Order is kept.
+                for (db, is_put), run in groupby(ops, key=lambda op: (op[0], op[2] is not None)):
+                    if is_put:
+                        txn.cursor(db=self.dbs[db]).putmulti([(k, v) for _, k, v in run if v is not None])
                     else:
-                        run_db = db
-                        run.append((key, value))
-                if run:
-                    txn.cursor(db=dbs[run_db]).putmulti(run)
+                        for _, k, _ in run:
+                            txn.delete(k, db=self.dbs[db])
             self._size = self._file_size()
         except lmdb.Error as exc:
             raise BackendError(f"backend commit failed: {exc}") from exc

@@ -133,12 +133,6 @@ class RangeResult:
     more: bool
 
 
-@dataclass(slots=True)
-class TxnOutcome:
-    """What one request did to the store: its response and whether it wrote."""
-
-    response: object
-    wrote: bool
 
 
 LeaseLookup = Callable[[int], bool]
@@ -313,7 +307,7 @@ class Store:
             _check_path(req, path, txn._check_range)
             resp = rpc_pb2.TxnResponse()
             _apply_txn(txn, req, path, resp)
-            resp.header.revision = txn.rev_after()
+            resp.header.revision = txn.view_rev()
             return resp
 
     def is_read_only_txn(self, req: rpc_pb2.TxnRequest) -> bool:
@@ -471,9 +465,6 @@ class WriteTxn:
 
     def view_rev(self) -> int:
         return self.begin + 1 if self.changes else self.begin
-
-    def rev_after(self) -> int:
-        return self.view_rev()
 
     def range_kvs(self, key: bytes, end: bytes) -> list[KeyValue]:
         return list(self.store._iter_range(key, end, self.view_rev()))

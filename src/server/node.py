@@ -163,9 +163,9 @@ def open_node(config: Config, *, on_fatal: Callable[[BaseException], None]) -> N
             backend.commit(ops)
             log.info("replayed %d log records (indexes %d-%d)", len(replay), replay[0].index, replay[-1].index)
             wal.release(replay[-1].index)
+            meta = backend.meta()
     except ValueError as exc:
         raise WalCorrupt(f"undecodable log record: {exc}") from exc
-    meta = backend.meta()
     rev = be.unpack_i64(meta[be.CONSISTENT_REV]) if be.CONSISTENT_REV in meta else 1
     scheduled = be.unpack_i64(meta[be.SCHEDULED_COMPACT]) if be.SCHEDULED_COMPACT in meta else -1
     finished = be.unpack_i64(meta[be.FINISHED_COMPACT]) if be.FINISHED_COMPACT in meta else -1

@@ -33,7 +33,6 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,10 +280,3 @@ class Wal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def entries(self) -> Iterator[Entry]:
-        """Every intact entry on disk (for tests and tools)."""
-        with self._lock:
-            segs = list(self._segments)
-        for seg in segs:
-            yield from _scan(seg.path.read_bytes(), None)[0]

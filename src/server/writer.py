@@ -357,10 +357,10 @@ class Writer:
         if self._failed is None:
             self._failed = errors.STOPPED
             if self._unflushed:
+                ops, index = self._take_unflushed()
                 try:
-                    self.backend.commit([*self._unflushed, (b"meta", be.WAL_INDEX, be.pack_i64(self._unflushed_index))])
-                    self.wal.release(self._unflushed_index)
-                    self._unflushed = []
+                    self.backend.commit(ops)
+                    self.wal.release(index)
                 except (be.BackendError, OSError) as exc:
                     log.error("final flush failed (the log still holds the writes): %s", exc)
         self._fail_queued()
