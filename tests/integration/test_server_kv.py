@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import grpc
 import pytest
+from helpers.aio import aio_channel
 
 from coord._pb import rpc_pb2, rpc_pb2_grpc
 from coord_server.app import Server, open_server
@@ -31,7 +32,7 @@ def _config(data_dir: Path, **kw: object) -> Config:
 async def running(data_dir: Path, **kw: object) -> AsyncIterator[tuple[Server, grpc.aio.Channel]]:
     async with open_server(_config(data_dir, **kw)) as server:
         host, port = server.addresses[0]
-        async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+        async with aio_channel(f"{host}:{port}") as channel:
             yield server, channel
 
 

@@ -23,6 +23,7 @@ import h2.events
 import h11
 import pytest
 from google.protobuf import wrappers_pb2
+from helpers.aio import aio_channel
 
 from coord._pb import rpc_pb2
 from coord_server.errors import Code, EtcdError, message_too_large
@@ -189,13 +190,8 @@ async def running(calls: Calls | None = None, **kwargs: Any) -> AsyncIterator[tu
         await listener.close(grace=1.0)
 
 
-@contextlib.asynccontextmanager
-async def channel(port: int) -> AsyncIterator[grpc.aio.Channel]:
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)])
-    try:
-        yield ch
-    finally:
-        await ch.close()
+def channel(port: int) -> contextlib.AbstractAsyncContextManager[grpc.aio.Channel]:
+    return aio_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)])
 
 
 def unary(ch: grpc.aio.Channel, name: str) -> Any:
