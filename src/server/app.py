@@ -16,14 +16,14 @@ from .errors import Code
 from .http import DefaultHttpApp
 from .node import Node, open_node
 from .rpc import Kind, Method
-from .services import cluster, kv, maintenance
+from .services import cluster, kv, maintenance, watch
 from .transport import ClientListener
 
 log = logging.getLogger("coord_server")
 
 
 def all_methods(node: Node) -> list[Method]:
-    return [*kv.methods(node), *maintenance.methods(node), *cluster.methods(node)]
+    return [*kv.methods(node), *watch.methods(node), *maintenance.methods(node), *cluster.methods(node)]
 
 
 @dataclass
@@ -61,17 +61,19 @@ async def open_server(config: Config) -> AsyncIterator[Server]:
         node.counters.rpc_handled[(svc, name, code.name)] += 1
 
     try:
-        methods = all_methods(node)
-        for url in config.listen_client_urls:
-            addr = listen_address(url)
-            listener = ClientListener(methods, DefaultHttpApp(), max_recv_bytes=config.max_recv_bytes(),
-                                      on_rpc_done=on_rpc_done)
-            server.listeners.append(listener)
-            port = await listener.start(addr.host, addr.port)
-            server.addresses.append((addr.host, port))
-        node.writer.concurrency = lambda: sum(listener.open_streams() for listener in server.listeners)
         async with anyio.create_task_group() as tg:
             await tg.start(node.writer.run)
+            node.background = tg
+            tg.start_soon(watch.progress_notifier, node)
+            methods = all_methods(node)
+            for url in config.listen_client_urls:
+                addr = listen_address(url)
+                listener = ClientListener(methods, DefaultHttpApp(), max_recv_bytes=config.max_recv_bytes(),
+                                          on_rpc_done=on_rpc_done)
+                server.listeners.append(listener)
+                port = await listener.start(addr.host, addr.port)
+                server.addresses.append((addr.host, port))
+            node.writer.concurrency = lambda: sum(listener.open_streams() for listener in server.listeners)
             try:
                 yield server
             finally:

@@ -155,7 +155,7 @@ class Store:
     compact_rev: int = -1
     lease_exists: LeaseLookup = _no_leases
     _index: SortedDict = field(default_factory=SortedDict)  # bytes -> KeyHistory
-    _log: dict[int, list[Record]] = field(default_factory=dict)  # main rev -> records (> compact_rev)
+    _log: dict[int, list[Record]] = field(default_factory=dict)  # main rev -> records (>= compact_rev)
     pending: list[Record] = field(default_factory=list)  # written since the last take_pending()
     live_keys: int = 0
 
@@ -178,7 +178,7 @@ class Store:
             if hist is None:
                 hist = store._index[rec.key] = KeyHistory()
             hist.append(rec)
-            if rec.main > compact_rev:
+            if rec.main > compact_rev or (rec.main == compact_rev and not rec.tombstone):
                 store._log.setdefault(rec.main, []).append(rec)
         if compact_rev > 0:
             store._compact_index(compact_rev)
@@ -271,13 +271,18 @@ class Store:
     def events_between(self, start: int, end: int) -> Iterator[Record]:
         """Records with ``start <= main <= end`` in revision order (the watch catch-up source).
 
-        ``start`` must be above ``compact_rev``.
+        History below ``compact_rev`` is gone; at ``compact_rev`` itself only the puts remain
+        (a compaction drops the tombstones it reaches), as in etcd's backend.
         """
         log = self._log
-        for main in range(max(start, self.compact_rev + 1), end + 1):
+        for main in range(max(start, self.compact_rev), end + 1):
             recs = log.get(main)
             if recs:
                 yield from recs
+
+    def records_at(self, main: int) -> list[Record]:
+        """The records written at revision ``main`` (empty if none or compacted away)."""
+        return self._log.get(main, [])
 
     # ------------------------------------------------------------------ writes
 
@@ -336,8 +341,13 @@ class Store:
             raise errors.FUTURE_REV
         old = self.compact_rev
         self.compact_rev = rev
-        for main in range(max(old + 1, 0), rev + 1):
+        for main in range(max(old, 0), rev):
             self._log.pop(main, None)
+        kept = [r for r in self._log.get(rev, ()) if not r.tombstone]
+        if kept:
+            self._log[rev] = kept
+        else:
+            self._log.pop(rev, None)
         self._compact_index(rev)
 
     def _compact_index(self, rev: int) -> None:

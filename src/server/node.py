@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from anyio.abc import TaskGroup
+
 from coord._pb import rpc_pb2
 
 from . import backend as be
@@ -19,6 +21,7 @@ from .config import Config
 from .counters import Counters
 from .mvcc import Record, Store
 from .wal import Wal, WalCorrupt
+from .watch_hub import GRPC_OVERHEAD_BYTES, Limits, WatchHub
 from .writer import Writer
 
 log = logging.getLogger("coord_server.node")
@@ -38,6 +41,17 @@ class Node:
     term: int
     counters: Counters
     alarms: set[tuple[int, int]] = field(default_factory=set)  # (member id, AlarmType)
+    watch_hub: WatchHub = field(init=False)
+    # The server's long-lived task group while it serves (per-stream helper tasks run there).
+    background: TaskGroup | None = None
+
+    def __post_init__(self) -> None:
+        limits = Limits(fragment_bytes=self.config.max_request_bytes + GRPC_OVERHEAD_BYTES)
+        self.watch_hub = WatchHub(self.store, self.header, limits=limits, on_watchers=self._count_watchers)
+        self.writer.publish_hooks.append(self.watch_hub.publish)
+
+    def _count_watchers(self, delta: int) -> None:
+        self.counters.live_watchers += delta
 
     @property
     def visible_rev(self) -> int:
