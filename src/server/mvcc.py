@@ -158,6 +158,7 @@ class Store:
     _log: dict[int, list[Record]] = field(default_factory=dict)  # main rev -> records (>= compact_rev)
     pending: list[Record] = field(default_factory=list)  # written since the last take_pending()
     live_keys: int = 0
+    _lease_keys: dict[int, set[bytes]] = field(default_factory=dict)  # lease -> live keys attached to it
 
     # ------------------------------------------------------------------ restore
 
@@ -178,11 +179,18 @@ class Store:
             if hist is None:
                 hist = store._index[rec.key] = KeyHistory()
             hist.append(rec)
-            if rec.main > compact_rev or (rec.main == compact_rev and not rec.tombstone):
+            if rec.main >= compact_rev:
                 store._log.setdefault(rec.main, []).append(rec)
         if compact_rev > 0:
             store._compact_index(compact_rev)
-        store.live_keys = sum(1 for h in store._index.values() if h.latest() is not None)
+        live = 0
+        for key, hist in store._index.items():
+            kv = hist.latest()
+            if kv is not None:
+                live += 1
+                if kv.lease:
+                    store._move_lease(key, NO_LEASE, kv.lease)
+        store.live_keys = live
         return store
 
     # ------------------------------------------------------------------ reads
@@ -271,8 +279,9 @@ class Store:
     def events_between(self, start: int, end: int) -> Iterator[Record]:
         """Records with ``start <= main <= end`` in revision order (the watch catch-up source).
 
-        History below ``compact_rev`` is gone; at ``compact_rev`` itself only the puts remain
-        (a compaction drops the tombstones it reaches), as in etcd's backend.
+        History below ``compact_rev`` is gone; ``compact_rev`` itself is whole. (etcd's backend
+        drops the tombstones at the compaction revision, so a watch resuming there silently
+        misses those deletions; :meth:`physical_keep` keeps them.)
         """
         log = self._log
         for main in range(max(start, self.compact_rev), end + 1):
@@ -343,11 +352,6 @@ class Store:
         self.compact_rev = rev
         for main in range(max(old, 0), rev):
             self._log.pop(main, None)
-        kept = [r for r in self._log.get(rev, ()) if not r.tombstone]
-        if kept:
-            self._log[rev] = kept
-        else:
-            self._log.pop(rev, None)
         self._compact_index(rev)
 
     def _compact_index(self, rev: int) -> None:
@@ -370,6 +374,14 @@ class Store:
             if i >= 0 and not hist.records[i].tombstone:
                 rec = hist.records[i]
                 out.add((rec.main, rec.sub))
+        return out
+
+    def physical_keep(self, rev: int) -> set[tuple[int, int]]:
+        """What the backend keeps after a compaction at ``rev``: :meth:`keep` plus the
+        tombstones at ``rev`` itself, so the revision log stays whole from ``rev`` on (also
+        after a restart) and a watch starting there gets every event of that revision."""
+        out = self.keep(rev)
+        out.update((r.main, r.sub) for r in self._log.get(rev, ()) if r.tombstone)
         return out
 
     def hash_kv(self, rev: int, current: int) -> tuple[int, int]:
@@ -407,10 +419,25 @@ class Store:
         return self.live_keys
 
     def keys_with_lease(self) -> Iterator[tuple[bytes, int]]:
-        for key, hist in self._index.items():
-            kv = hist.latest()
-            if kv is not None and kv.lease:
-                yield key, kv.lease
+        for lease, keys in self._lease_keys.items():
+            for key in keys:
+                yield key, lease
+
+    def keys_of_lease(self, lease: int) -> list[bytes]:
+        """The live keys attached to ``lease``, sorted (the order etcd's Revoke deletes them in)."""
+        return sorted(self._lease_keys.get(lease, ()))
+
+    def _move_lease(self, key: bytes, old: int, new: int) -> None:
+        """Keep the lease -> keys index in step with a key's latest value (0 = no lease / deleted)."""
+        if old == new:
+            return
+        if old != NO_LEASE:
+            keys = self._lease_keys[old]
+            keys.discard(key)
+            if not keys:
+                del self._lease_keys[old]
+        if new != NO_LEASE:
+            self._lease_keys.setdefault(new, set()).add(key)
 
 
 class ReadView:
@@ -465,6 +492,8 @@ class WriteTxn:
             prev_live = len(hist.records) >= 2 and not hist.records[-2].tombstone
             hist.revs.pop()
             hist.records.pop()
+            restored = hist.records[-1].kv.lease if prev_live else NO_LEASE
+            self.store._move_lease(rec.key, NO_LEASE if rec.tombstone else rec.kv.lease, restored)
             if rec.tombstone:
                 self.store.live_keys += 1
             elif not prev_live:
@@ -499,8 +528,13 @@ class WriteTxn:
         hist = index.get(key)
         if hist is None:
             hist = index[key] = KeyHistory()
+        prev = hist.latest()
         hist.append(rec)
         self.changes.append(rec)
+        old_lease = NO_LEASE if prev is None else prev.lease
+        new_lease = NO_LEASE if rec.tombstone else rec.kv.lease
+        if old_lease != new_lease:
+            self.store._move_lease(key, old_lease, new_lease)
 
     def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
         resp = rpc_pb2.PutResponse()

@@ -171,7 +171,7 @@ class Writer:
         A newer compaction supersedes one still in progress: its keep-set covers
         the older one, and the older one's waiters are released when it ends.
         """
-        comp = _Compaction(rev, self.store.keep(rev))
+        comp = _Compaction(rev, self.store.physical_keep(rev))
         if self._compaction is not None:
             comp.done = self._compaction.done
         self._compaction = comp

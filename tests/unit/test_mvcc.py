@@ -1022,18 +1022,14 @@ def test_events_between_after_compaction(history: mvcc.Store) -> None:
     assert [r.main for r in history.events_between(4, 6)] == [4, 5, 6]
     history.compact(5)
     assert [r.main for r in history.events_between(6, 8)] == [6, 7, 8]
-    # a start at or below the compaction revision is clamped to just above it
-    assert [r.main for r in history.events_between(1, 8)] == [6, 7, 8]
-    assert [r.main for r in history.events_between(1, 5)] == []
-    # at the compaction revision itself the puts survive and the tombstones do not (etcd's backend keeps
-    # the newest version of each live key there), so a watch from that revision replays its puts
-    history.compact(6)
-    assert [(r.main, r.tombstone) for r in history.events_between(6, 8)] == [(6, False), (7, True), (8, False)]
+    # a start below the compaction revision is clamped to it
+    assert [r.main for r in history.events_between(1, 8)] == [5, 6, 7, 8]
+    assert [r.main for r in history.events_between(1, 4)] == []
+    # the compaction revision itself stays whole, its tombstones included (etcd drops those, and a
+    # watch resuming there would miss the deletion); the backend keeps them too, for a restart
     history.compact(7)
-    assert [r.main for r in history.events_between(1, 8)] == [8]
-    assert history.records_at(7) == []
-    restored = mvcc.Store.restore(history.all_records(), rev=history.rev, compact_rev=history.compact_rev)
-    assert [r.main for r in restored.events_between(1, 8)] == [8]
+    assert [(r.main, r.tombstone) for r in history.events_between(1, 8)] == [(7, True), (8, False)]
+    assert (7, 0) in history.physical_keep(7) and (7, 0) not in history.keep(7)
 
 
 def test_events_between_keeps_sub_revision_order() -> None:
