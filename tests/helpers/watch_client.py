@@ -76,6 +76,21 @@ class RawWatch:
         resp: pb.WatchResponse = item
         return resp
 
+    def poll(self) -> list[pb.WatchResponse]:
+        """Every response already received, without waiting (raises StreamEnded after the last one)."""
+        out = []
+        while True:
+            try:
+                item = self._responses.get_nowait()
+            except queue.Empty:
+                return out
+            if isinstance(item, StreamEnded):
+                self._responses.put(item)
+                if out:
+                    return out
+                raise item
+            out.append(item)
+
     def recv_until(self, pred: Any, timeout: float = 10.0) -> list[pb.WatchResponse]:
         """Responses up to and including the first one for which ``pred(resp)`` holds."""
         out = []
