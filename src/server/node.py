@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -19,6 +20,7 @@ from . import backend as be
 from . import errors
 from .config import Config
 from .counters import Counters
+from .lessor import LEASE_DB, IdGenerator, Lessor, decode_lease, min_lease_ttl, restart_grace
 from .mvcc import Record, Store
 from .wal import Wal, WalCorrupt
 from .watch_hub import GRPC_OVERHEAD_BYTES, Limits, WatchHub
@@ -40,6 +42,7 @@ class Node:
     writer: Writer
     term: int
     counters: Counters
+    lessor: Lessor
     alarms: set[tuple[int, int]] = field(default_factory=set)  # (member id, AlarmType)
     watch_hub: WatchHub = field(init=False)
     # The server's long-lived task group while it serves (per-stream helper tasks run there).
@@ -47,7 +50,8 @@ class Node:
 
     def __post_init__(self) -> None:
         limits = Limits(fragment_bytes=self.config.max_request_bytes + GRPC_OVERHEAD_BYTES)
-        self.watch_hub = WatchHub(self.store, self.header, limits=limits, on_watchers=self._count_watchers)
+        self.watch_hub = WatchHub(self.store, self.header, limits=limits, on_watchers=self._count_watchers,
+                                  buffered=self.counters.buffered_events)
         self.writer.publish_hooks.append(self.watch_hub.publish)
 
     def _count_watchers(self, delta: int) -> None:
@@ -185,8 +189,9 @@ def open_node(config: Config, *, on_fatal: Callable[[BaseException], None]) -> N
     finished = be.unpack_i64(meta[be.FINISHED_COMPACT]) if be.FINISHED_COMPACT in meta else -1
     term = (be.unpack_i64(meta[be.TERM]) if be.TERM in meta else 1) + 1
     index = be.unpack_i64(meta[be.CONSISTENT_INDEX]) if be.CONSISTENT_INDEX in meta else 3
-    store = Store.restore(
-        (Record.from_backend(k, v) for k, v in backend.items(b"key")), rev=rev, compact_rev=scheduled)
+    lessor = _load_leases(config, backend, mid)
+    store = Store.restore((Record.from_backend(k, v) for k, v in backend.items(b"key")), rev=rev,
+                          compact_rev=scheduled, lease_exists=lessor.exists)
     alarms = set()
     for k, _ in backend.items(b"alarm"):
         am = rpc_pb2.AlarmMember.FromString(k)
@@ -199,7 +204,32 @@ def open_node(config: Config, *, on_fatal: Callable[[BaseException], None]) -> N
     if scheduled > finished:
         log.info("resuming compaction at revision %d", scheduled)
         writer.schedule_compaction(scheduled)
+    orphans = {lease for _, lease in store.keys_with_lease() if not lessor.exists(lease)}
+    if orphans:
+        log.warning("keys attached to %d unknown leases (they will not expire): %s",
+                    len(orphans), ", ".join(f"{lease:016x}" for lease in sorted(orphans)[:10]))
+    # As etcd's leader does on election: every lease gets its full TTL plus an election timeout,
+    # because how much of its TTL had passed before the restart is not recorded.
+    lessor.promote(restart_grace(config.election_timeout_ms, config.heartbeat_interval_ms))
+    counters.leases = len(lessor)
     node = Node(config=config, member_id=mid, cluster_id=cid, store=store, backend=backend, writer=writer,
-                term=term, counters=counters, alarms=alarms)
+                term=term, counters=counters, lessor=lessor, alarms=alarms)
     log.debug("recovered revision %d (compacted at %d, term %d)", rev, scheduled, term)
     return node
+
+
+def _load_leases(config: Config, backend: be.Backend, member_id: int) -> Lessor:
+    """The lessor with every persisted lease (no deadlines yet: see ``Lessor.promote``).
+
+    Raises BackendError for an undecodable lease record.
+    """
+    lessor = Lessor(clock=time.monotonic,
+                    min_ttl=min_lease_ttl(config.election_timeout_ms, config.heartbeat_interval_ms),
+                    ids=IdGenerator(member_id, time.time_ns() // 1_000_000))
+    for key, value in backend.items(LEASE_DB):
+        try:
+            lease_id, ttl = decode_lease(value)
+        except ValueError as exc:
+            raise be.BackendError(f"corrupt lease record {key.hex()}: {exc}") from exc
+        lessor.restore(lease_id, ttl)
+    return lessor

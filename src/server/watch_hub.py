@@ -100,8 +100,9 @@ class WatchStream:
         self.watchers: dict[int, Watcher] = {}
         self.unsynced: dict[Watcher, None] = {}  # insertion-ordered set
         self.outbox: deque[tuple[WatchResponse, int, int]] = deque()  # (response, events, bytes)
-        self.buffered_events = 0
+        self.buffered_events = 0  # in the outbox
         self.buffered_bytes = 0
+        self.held_events = 0  # taken by the sender and not sent yet
         self.progress_wanted = False  # a progress request waits for the unsynced watchers
         self._next_id = 0
         self.closed = False
@@ -181,8 +182,9 @@ class WatchStream:
             self._drop(w)
         self.watchers.clear()
         self.outbox.clear()
-        self.buffered_events = self.buffered_bytes = 0
+        self.buffered_events = self.buffered_bytes = self.held_events = 0
         self.hub.streams.discard(self)
+        self.hub.buffered.pop(id(self), None)
 
     def _drop(self, w: Watcher) -> None:
         if w.synced:
@@ -203,8 +205,13 @@ class WatchStream:
         self.outbox.append((resp, events, size))
         self.buffered_events += events
         self.buffered_bytes += size
+        if events:
+            self._report()
         if was_empty:
             self.on_ready()
+
+    def _report(self) -> None:
+        self.hub.buffered[id(self)] = self.buffered_events + self.held_events
 
     def has_room(self) -> bool:
         limits = self.hub.limits
@@ -219,11 +226,18 @@ class WatchStream:
                 and self.buffered_bytes + size <= limits.max_bytes)
 
     def take(self) -> list[WatchResponse]:
-        """Everything ready to send, in order (the outbox is emptied)."""
+        """Everything ready to send, in order (the outbox is emptied). The caller reports each
+        response it hands on with :meth:`sent`, so the stream's buffered count stays true."""
         out = [resp for resp, _, _ in self.outbox]
+        self.held_events += self.buffered_events
         self.outbox.clear()
         self.buffered_events = self.buffered_bytes = 0
         return out
+
+    def sent(self, resp: WatchResponse) -> None:
+        if resp.events:
+            self.held_events -= len(resp.events)
+            self._report()
 
     def send_events(self, w: Watcher, events: list[Event], size: int, header: rpc_pb2.ResponseHeader) -> None:
         """Queue ``events`` for ``w`` as one response, or as fragments if it asked for them."""
@@ -355,6 +369,7 @@ class WatchHub:
     header: Callable[[int], rpc_pb2.ResponseHeader]
     limits: Limits = field(default_factory=Limits)
     on_watchers: Callable[[int], None] = lambda delta: None
+    buffered: dict[int, int] = field(default_factory=dict)  # per stream: events waiting to be sent
     rev: int = 0
     streams: set[WatchStream] = field(default_factory=set)
     _by_key: dict[bytes, dict[Watcher, None]] = field(default_factory=dict)

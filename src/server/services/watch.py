@@ -68,22 +68,16 @@ class WatchService:
 
         counters = node.counters
         counters.watch_streams += 1
-        key = id(stream)
         tg.start_soon(read)
         try:
             while True:
                 if failure:
                     raise failure[0]
                 if stream.outbox:
-                    batch = stream.take()
-                    left = sum(len(resp.events) for resp in batch)
-                    for resp in batch:
-                        # what this stream holds: the outbox plus the part of this batch not yet sent
-                        counters.buffered_events[key] = stream.buffered_events + left
+                    for resp in stream.take():
                         yield resp
-                        left -= len(resp.events)
+                        stream.sent(resp)
                     continue
-                counters.buffered_events.pop(key, None)
                 if stream.needs_catch_up():
                     stream.catch_up()
                     await anyio.lowlevel.checkpoint()
@@ -93,7 +87,6 @@ class WatchService:
             scope.cancel()
             stream.close()
             counters.watch_streams -= 1
-            counters.buffered_events.pop(key, None)
 
 
 async def progress_notifier(node: Node) -> None:
