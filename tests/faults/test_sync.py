@@ -45,6 +45,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers.watch_client import RawWatch
 
 from coord._pb import rpc_pb2, rpc_pb2_grpc
 
@@ -383,6 +384,10 @@ def test_sync_failure_is_fatal_and_never_acknowledged(tmp_path: Path) -> None:
         pid = fiu_pid(prefix)
         with srv.channel() as ch:
             kv = rpc_pb2_grpc.KVStub(ch)
+            # A watcher sees every write announced: the one whose sync fails must never reach it.
+            watch = RawWatch(ch)
+            watch.create(b"eio/", b"eio0")
+            assert watch.recv().created
             for i in range(5):
                 key, value = b"eio/k%d" % i, b"acked-%d" % i
                 acked[key] = (value, kv.Put(rpc_pb2.PutRequest(key=key, value=value), timeout=30).header.revision)
@@ -397,7 +402,11 @@ def test_sync_failure_is_fatal_and_never_acknowledged(tmp_path: Path) -> None:
             else:
                 pytest.fail(f"a write whose sync failed was acknowledged at revision {resp.header.revision}")
             t_err = time.monotonic()
+            watched = [ev.kv.key for r in watch.until_end(timeout=EXIT_BOUND + 10) for ev in r.events]
+            watch.close()
         rc, exit_after = wait_exit(srv, t_err, EXIT_BOUND)
+        assert victim[0] not in watched, "a watcher was told of a write whose sync failed"
+        assert watched == list(acked), watched
         log = srv.log_tail(20)
     finally:
         srv.kill()

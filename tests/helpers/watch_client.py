@@ -100,6 +100,16 @@ class RawWatch:
             if pred(resp):
                 return out
 
+    def until_end(self, timeout: float = 10.0) -> list[pb.WatchResponse]:
+        """Every response up to the end of the stream."""
+        out = []
+        while True:
+            item = self._responses.get(timeout=timeout)
+            if isinstance(item, StreamEnded):
+                self._responses.put(item)
+                return out
+            out.append(item)
+
     def ended(self, timeout: float = 10.0) -> StreamEnded:
         """Wait for the end of the stream (every response before it is discarded)."""
         while True:
