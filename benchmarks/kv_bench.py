@@ -6,8 +6,8 @@ loopback ports and temporary data dir:
 
 - ``etcd``:    the real etcd binary (3.4.23 from the etcd-server package), default settings;
 - ``coord``:   ``python -m coord_server`` (durable: LMDB, fsync per group commit);
-- ``trivial``: ``benchmarks/trivial_server.py``: coord's transport with handlers that answer an
-  empty response at once; the ceiling of the RPC stack.
+- ``trivial``: ``benchmarks/trivial_server.py``: coord's transport (the same listener and HTTP/2
+  path) with handlers that answer an empty response at once; the ceiling of the RPC stack.
 
 It pre-loads ``bench-key`` (64-byte value) and drives every server with ``h2load`` pinned to the
 other core (``taskset -c 1``), POSTing a pre-encoded gRPC message (5-byte prefix + protobuf) to
@@ -34,9 +34,6 @@ targets of the KV foundation issue, and writes all numbers to
     python benchmarks/kv_bench.py --quick        # 2 s smoke run
     python benchmarks/kv_bench.py --workloads put-c1,put-c64 --servers etcd,coord --repeat 3
     python benchmarks/kv_bench.py --profile      # plus py-spy profiles of coord-server
-
-``--servers`` also accepts ``lean-coord`` and ``lean-trivial``: lean_h2_prototype.py, a minimal
-HTTP/2 path, with coord's KV service or with empty handlers (a measurement, not a server).
 
 Needs: Linux, ``taskset``, ``h2load`` (nghttp2-client), ``etcd`` (etcd-server 3.4), and the
 coord package importable by this interpreter (``pip install -e .``); ``py-spy`` for ``--profile``.
@@ -71,7 +68,7 @@ REPO = HERE.parent
 KEY = b"bench-key"
 VALUE = b"v" * 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SERVER_ORDER = ("etcd", "coord", "trivial", "lean-coord", "lean-trivial")
+SERVER_ORDER = ("etcd", "coord", "trivial")
 DEFAULT_SERVERS = ("etcd", "coord", "trivial")
 ALL_WORKLOADS = ("range-c1", "range-c64", "put-c1", "put-c64")
 
@@ -288,13 +285,9 @@ def make_servers(args: argparse.Namespace, base: Path) -> list[Server]:
             cmd = [args.etcd, *flags, "--initial-cluster", f"{member}={purl}"]
         elif name == "coord":
             cmd = [args.python, "-m", "coord_server", *flags]
-        elif name == "trivial":
-            cmd = [args.python, str(HERE / "trivial_server.py"), str(port)]
-        elif name == "lean-coord":  # coord's KV service on the lean HTTP/2 prototype
-            cmd = [args.python, str(HERE / "lean_h2_prototype.py"), str(port), "coord", str(data)]
         else:
-            cmd = [args.python, str(HERE / "lean_h2_prototype.py"), str(port), "trivial"]
-        durable = name in ("etcd", "coord", "lean-coord")
+            cmd = [args.python, str(HERE / "trivial_server.py"), str(port)]
+        durable = name in ("etcd", "coord")
         servers.append(Server(name, pin + cmd, port, data, base / f"{name}.log", durable=durable))
     return servers
 
@@ -561,9 +554,9 @@ PROFILE_COMPONENTS: list[tuple[str, tuple[str, ...]]] = [
     ("protobuf (upb parse/serialize)", ("_message.abi3.so", "google/protobuf", "_pb2.py", "upb")),
     ("LMDB / WAL (backend.py, wal.py, lmdb)", ("server/backend.py", "server/wal.py", "lmdb/", "mdb.c",
                                                "cpython.c", "crc32c")),
-    ("h2 / hpack / hyperframe (HTTP/2 framing)", ("h2/", "hpack/", "hyperframe/")),
-    ("grpclib (protocol, server stream)", ("grpclib/", "_multidict.c", "multidict/")),
-    ("coord transport.py (binding, recv, context)", ("server/transport.py",)),
+    ("hpack (request header decoding)", ("hpack/",)),
+    ("coord HTTP/2 core (h2conn.py, h2grpc.py)", ("server/h2conn.py", "server/h2grpc.py")),
+    ("coord transport.py (calls, handlers, context)", ("server/transport.py",)),
     ("coord services (kv, node, validation, mvcc)", ("server/services/", "server/node.py", "server/validation.py",
                                                      "server/mvcc.py", "server/errors.py", "server/counters.py",
                                                      "sortedcontainers/", "_bisectmodule")),
@@ -593,7 +586,6 @@ def categorize(frames: list[str]) -> str:
     if leaf.startswith(_SYSCALLS) and "libc" in leaf:
         return "socket syscalls (write/read, incl. kernel TCP loopback)"
     # The collector (CPython's gc_collect_main, native mode) runs inside whatever allocated.
-    # (Not grpclib's Handler.__gc_collect__, which is ordinary bookkeeping.)
     if any(f.startswith("gc_collect") for f in frames):
         return "Python GC"
     for frame in reversed(frames):
@@ -725,8 +717,7 @@ def render_table(summary: dict[str, dict[str, dict[str, Any]]], servers: list[st
         ("read+write syscalls/req", lambda r: r["read_syscalls_per_req"] + r["write_syscalls_per_req"], 1, None),
         ("h2load core busy (%)", lambda r: 100 * r["h2load_cpu_util"], 0, None),
     ]
-    ratio_cols = [(a, b) for a, b in (("coord", "etcd"), ("coord", "trivial"), ("lean-coord", "etcd"))
-                  if a in servers and b in servers]
+    ratio_cols = [(a, b) for a, b in (("coord", "etcd"), ("coord", "trivial")) if a in servers and b in servers]
     head = ["workload", "metric", *servers, *(f"{a}/{b}" for a, b in ratio_cols)]
     rows = [head]
     for wl in wls:
@@ -757,8 +748,7 @@ def render_table(summary: dict[str, dict[str, dict[str, Any]]], servers: list[st
 
 def markdown_table(summary: dict[str, dict[str, dict[str, Any]]], servers: list[str], wls: list[Workload]) -> str:
     """The same table in Markdown, for docs/performance.md."""
-    ratio_cols = [(a, b) for a, b in (("coord", "etcd"), ("coord", "trivial"), ("lean-coord", "etcd"))
-                  if a in servers and b in servers]
+    ratio_cols = [(a, b) for a, b in (("coord", "etcd"), ("coord", "trivial")) if a in servers and b in servers]
     head = ["workload", "metric", *servers, *(f"{a}/{b}" for a, b in ratio_cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     metrics = [
@@ -794,8 +784,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
                    help=f"comma-separated subset of {','.join(ALL_WORKLOADS)}")
     p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
-                   help="comma-separated subset of etcd,coord,trivial (default) and lean-coord,lean-trivial "
-                        "(lean_h2_prototype.py: what a purpose-built HTTP/2 path could do; not a server)")
+                   help="comma-separated subset of etcd,coord,trivial (default: all three)")
     p.add_argument("--c64-shape", default="4x16", help="connections x streams for the c64 workloads (default 4x16)")
     p.add_argument("--verify-requests", type=int, default=2000,
                    help="requests in the fixed-count correctness run before each measurement")

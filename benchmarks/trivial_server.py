@@ -1,10 +1,12 @@
 """A do-nothing server on coord-server's own RPC stack: the ceiling for kv_bench.py.
 
-Same listener (:class:`coord_server.transport.ClientListener`: sniffer + grpclib + h2), same
-method binding (:class:`coord_server.rpc.Method`), same event loop (asyncio + uvloop) as
-coord-server, but ``/etcdserverpb.KV/Range`` and ``/etcdserverpb.KV/Put`` answer an empty
-response at once: no validation, no store, no writer, no fsync. Whatever coord-server costs
-beyond this server is coord's own work.
+Same listener (:class:`coord_server.transport.ClientListener`: sniffer + coord's HTTP/2 path,
+:mod:`coord_server.h2conn`), same method binding (:class:`coord_server.rpc.Method`), same event
+loop (asyncio + uvloop) as coord-server, but ``/etcdserverpb.KV/Range`` and ``/etcdserverpb.KV/Put``
+answer an empty response at once: no validation, no store, no writer, no fsync. Whatever
+coord-server costs beyond this server is coord's own work. (Both handlers have no await, so the
+transport runs them eagerly, without a task, as it runs coord's Range; coord's Put awaits the
+write path and gets a task: that difference counts as coord's work.)
 
 Usage: python benchmarks/trivial_server.py PORT [HOST]   (stops on SIGINT/SIGTERM)
 """

@@ -13,17 +13,18 @@ import anyio
 
 from .config import Config, listen_address
 from .errors import Code
-from .http import DefaultHttpApp
+from .gateway import ClientHttpApp
 from .node import Node, open_node
 from .rpc import Kind, Method
-from .services import cluster, kv, maintenance, watch
+from .services import cluster, election, kv, lease, lock, maintenance, watch
 from .transport import ClientListener
 
 log = logging.getLogger("coord_server")
 
 
 def all_methods(node: Node) -> list[Method]:
-    return [*kv.methods(node), *watch.methods(node), *maintenance.methods(node), *cluster.methods(node)]
+    return [*kv.methods(node), *watch.methods(node), *maintenance.methods(node), *cluster.methods(node),
+            *lease.methods(node), *lock.methods(node), *election.methods(node)]
 
 
 @dataclass
@@ -65,15 +66,20 @@ async def open_server(config: Config) -> AsyncIterator[Server]:
             await tg.start(node.writer.run)
             node.background = tg
             tg.start_soon(watch.progress_notifier, node)
+            await tg.start(lease.run_expiry, node)
             methods = all_methods(node)
+            # One HTTP app for all client URLs: the JSON gateway over the same methods, /health, /metrics.
+            http_app = ClientHttpApp(node, methods, on_rpc_done=on_rpc_done)
             for url in config.listen_client_urls:
                 addr = listen_address(url)
-                listener = ClientListener(methods, DefaultHttpApp(), max_recv_bytes=config.max_recv_bytes(),
-                                          on_rpc_done=on_rpc_done)
+                listener = ClientListener(methods, http_app, max_recv_bytes=config.max_recv_bytes(),
+                                          on_rpc_done=on_rpc_done, http_max_body_bytes=None)
                 server.listeners.append(listener)
                 port = await listener.start(addr.host, addr.port)
                 server.addresses.append((addr.host, port))
-            node.writer.concurrency = lambda: sum(listener.open_streams() for listener in server.listeners)
+            # Gateway calls count too: a lone HTTP write must not skip group commit while 63 others wait.
+            node.writer.concurrency = lambda: (sum(listener.open_streams() for listener in server.listeners)
+                                               + http_app.gateway.in_flight)
             try:
                 yield server
             finally:

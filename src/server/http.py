@@ -86,12 +86,14 @@ class HttpResponse:
     """``body``: bytes (Content-Length) or an async iterable of chunks (chunked, flushed per chunk).
 
     The listener adds ``Date``, and ``Content-Length`` for a bytes body; it never overrides a
-    header the app set.
+    header the app set. ``trailers`` are sent after a chunked body (HTTP/1.1 only; announce them
+    in a ``Trailer`` header), e.g. the gateway's ``Grpc-Trailer-Content-Type``.
     """
 
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | AsyncIterable[bytes] = b""
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
 
 @runtime_checkable

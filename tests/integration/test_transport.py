@@ -1,4 +1,4 @@
-"""The client port: gRPC (grpclib behind a preface sniffer) and HTTP/1.1 (h11) on one listener.
+"""The client port: gRPC (our HTTP/2 path behind a preface sniffer) and HTTP/1.1 (h11) on one listener.
 
 Every test runs on the plain asyncio loop and on uvloop, with a deadline, on 127.0.0.1 port 0.
 """
