@@ -49,7 +49,7 @@ class Limits:
     max_events: int = 4096
     max_bytes: int = 16 << 20
     catch_up_events: int = 1024
-    catch_up_revisions: int = 10_000  # revisions scanned per chunk, so one call stays short
+    catch_up_revisions: int = 1000  # revisions scanned per chunk (etcd: watchBatchMaxRevs), so a step stays short
     fragment_bytes: int = 1536 * 1024 + GRPC_OVERHEAD_BYTES
 
 

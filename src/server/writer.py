@@ -43,6 +43,9 @@ MAX_BATCH = 1024
 COMPACTION_CHUNK = 10_000
 FLUSH_INTERVAL = 0.1  # seconds between backend commits while writes are pending
 FLUSH_OPS = 20_000  # or sooner, when this many ops wait
+# A log sync slower than this (a busy disk) sends the next lone writes' syncs to a worker thread
+# instead of the event loop, so that a slow disk delays those writes but not every other request.
+SLOW_SYNC = 0.02
 
 
 @dataclass(eq=False)
@@ -84,6 +87,7 @@ class Writer:
         self._flush_due = math.inf
         self._flushing: anyio.Event | None = None
         self._parked = False  # the writer task waits for work with nothing queued or in flight
+        self._last_sync = 0.0  # seconds the newest log append + sync took
         # Requests open at the transports right now (set by the server); 0 when unknown.
         self.concurrency: Callable[[], int] = lambda: 0
         self.counters = counters
@@ -111,7 +115,7 @@ class Writer:
         """
         if self._failed is not None:
             raise errors.STOPPED
-        if not barrier and self._parked and self.concurrency() <= 1:
+        if not barrier and self._parked and self.concurrency() <= 1 and self._last_sync < SLOW_SYNC:
             # A lone write with no other request open: apply, log and publish right here,
             # saving the hand-offs to the writer task. Under concurrency writes take the
             # queue, so that they share one sync (group commit).
@@ -287,7 +291,7 @@ class Writer:
             if ops:
                 payload = be.encode_ops(ops)
                 started = time.perf_counter()
-                if len(batch) == 1 and self._idle():
+                if len(batch) == 1 and self._idle() and self._last_sync < SLOW_SYNC:
                     # A lone write under light load: syncing on the loop saves the ~100 us thread
                     # hand-off, and there is nothing else the loop could overlap with the sync.
                     index = self.wal.append(payload)
@@ -317,7 +321,8 @@ class Writer:
         return ops
 
     def _logged(self, jobs: int, ops: list[be.Op], index: int, started: float) -> None:
-        self.counters.observe_commit(jobs, len(ops), time.perf_counter() - started)
+        self._last_sync = time.perf_counter() - started
+        self.counters.observe_commit(jobs, len(ops), self._last_sync)
         if not self._unflushed:
             self._flush_due = time.monotonic() + FLUSH_INTERVAL
         self._unflushed.extend(ops)
