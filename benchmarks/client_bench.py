@@ -10,7 +10,17 @@ Starts a real etcd 3.4 (/usr/bin/etcd) and a coord-server on free loopback ports
 * unary CPU: ``--calls`` sequential ``get`` calls on Trio and on asyncio; prints this process's CPU time per
   call (the server runs in another process, so it is not counted) and the wall time per call.
 
-Competitor clients (python-etcd3, aetcd) need their own virtual environments and are not run here.
+Competitors (against the same real etcd, in the same run): python-etcd3 and aetcd locks, each in its own
+virtual environment, run by benchmarks/competitor_locks.py. Make the environments once:
+
+    python3 -m venv /tmp/venv-etcd3 && /tmp/venv-etcd3/bin/pip install etcd3 'protobuf<4' 'tenacity==6.3.1'
+    python3 -m venv /tmp/venv-aetcd && /tmp/venv-aetcd/bin/pip install aetcd
+
+(python-etcd3's last release needs protobuf < 4 and a tenacity that still accepts its two-argument wait
+function), then pass ``--etcd3-python /tmp/venv-etcd3/bin/python --aetcd-python /tmp/venv-aetcd/bin/python``.
+The table ends with coord's hand-off rate at the largest N over the best competitor's (issue 6 target: >= 3x,
+with Jain's fairness >= 0.99).
+
 A program, not a test: nothing is asserted.
 """
 
@@ -120,6 +130,8 @@ def main() -> None:
     ap.add_argument("--contenders", default="1,8,32")
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--json", default="")
+    ap.add_argument("--etcd3-python", default="", help="python of a venv with python-etcd3")
+    ap.add_argument("--aetcd-python", default="", help="python of a venv with aetcd")
     args = ap.parse_args()
     ns = [int(x) for x in args.contenders.split(",")]
     results: dict[str, Any] = {}
@@ -133,6 +145,10 @@ def main() -> None:
                 res["locks"].append(r)
                 print(f"{kind:5} lock  contenders={n:3}  {r['handoffs_per_s']:8.1f} hand-offs/s  "
                       f"Jain={r['jain']:.3f}", flush=True)
+            if kind == "etcd":
+                for name, python in (("python-etcd3", args.etcd3_python), ("aetcd", args.aetcd_python)):
+                    if python:
+                        res[name] = competitor(python, name, endpoint, ns, args.seconds)
             for backend, opts in (("trio", {}), ("asyncio", {}), ("asyncio", {"use_uvloop": True})):
                 label = "uvloop" if opts else backend
                 u = anyio.run(unary_cpu, endpoint, args.calls, backend=backend, backend_options=opts)
@@ -144,8 +160,37 @@ def main() -> None:
             proc.terminate()
             proc.wait(10)
             shutil.rmtree(work, ignore_errors=True)
+    competitors = {name: r for name, r in results["etcd"].items() if name not in ("locks", "unary")}
+    if competitors:
+        print(f"\nlock hand-offs/s against the same real etcd ({args.seconds:g} s per N; Jain in brackets)")
+        print(f"{'client':14}" + "".join(f"{'N=' + str(n):>18}" for n in ns))
+        rows = {"coord": {r["contenders"]: r for r in results["etcd"]["locks"]}}
+        rows.update({name: {int(n): r for n, r in res.items()} for name, res in competitors.items()})
+        for name, by_n in rows.items():
+            cells = "".join(f"{by_n[n]['handoffs_per_s']:10.1f} ({by_n[n]['jain']:.3f})" for n in ns)
+            print(f"{name:14}{cells}")
+        top = max(ns)
+        best = max(r[top]["handoffs_per_s"] for name, r in rows.items() if name != "coord")
+        print(f"coord / best competitor at N={top}: {rows['coord'][top]['handoffs_per_s'] / best:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def competitor(python: str, name: str, endpoint: str, ns: list[int], seconds: float) -> dict[str, Any]:
+    """Run benchmarks/competitor_locks.py in the competitor's venv; its JSON keyed by N."""
+    which = "etcd3" if name == "python-etcd3" else "aetcd"
+    out = subprocess.run([python, str(Path(__file__).with_name("competitor_locks.py")), which, endpoint,
+                          "--contenders", *map(str, ns), "--seconds", str(seconds)],
+                         capture_output=True, text=True, timeout=60 + 3 * seconds * len(ns), check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    for n in ns:
+        r = result[str(n)]
+        print(f"etcd  {name:12} contenders={n:3}  {r['handoffs_per_s']:8.1f} hand-offs/s  Jain={r['jain']:.3f}",
+              flush=True)
+    return result
 
 
 if __name__ == "__main__":
