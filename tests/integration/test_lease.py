@@ -34,7 +34,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def anyio_backend() -> str:
-    return "asyncio"  # the server runs on asyncio (grpclib); grpc.aio shares the loop
+    return "asyncio"  # the server runs on asyncio; grpc.aio shares the loop
 
 
 def _config(data_dir: Path, **kw: object) -> Config:
