@@ -323,6 +323,7 @@ class _GrpcConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.h2 = H2Connection(max_concurrent_streams=listener._max_streams)
         self.calls: dict[int, _Call] = {}
+        self.streaming = 0  # calls in self.calls that stream (watch, keep-alive ...): long-lived
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.ticks = 0  # loop callbacks run for this connection: tells a stream whether it yielded
@@ -490,6 +491,8 @@ class _GrpcConnection(asyncio.Protocol):
         ctx = CallContext(metadata=metadata, peer=self.peer, deadline=deadline)
         call = _Call(self, sid, binding, ctx)
         self.calls[sid] = call
+        if binding.kind is not Kind.UNARY:
+            self.streaming += 1
         if listener._closing:
             # Arrived after our GOAWAY was decided: not executed, so the client may safely retry it.
             self.end_with_error(call, Code.UNAVAILABLE, _SHUTTING_DOWN)
@@ -764,6 +767,8 @@ class _GrpcConnection(asyncio.Protocol):
         call.done = True
         if self.calls.get(call.sid) is call:
             del self.calls[call.sid]
+            if call.binding.kind is not Kind.UNARY:
+                self.streaming -= 1
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
@@ -925,13 +930,14 @@ class ClientListener:
     # -- connections -----------------------------------------------------------------------------
 
     def open_streams(self) -> int:
-        """HTTP/2 streams clients have open on this listener now, answered or not.
+        """HTTP/2 streams clients have open on this listener now, answered or not, except the
+        long-lived streaming calls (watches, keep-alives), which do not make a write concurrent.
 
         Counted from the HTTP/2 state, so requests read in the same socket read as the current
         one are included even before their handlers ran (the write path uses this to tell a
         lone write from a burst).
         """
-        return sum(conn.h2.open_streams for conn in self._h2)
+        return sum(max(0, conn.h2.open_streams - conn.streaming) for conn in self._h2)
 
     def _grpc_protocol(self, transport: asyncio.Transport) -> asyncio.Protocol:
         proto = _GrpcConnection(self)

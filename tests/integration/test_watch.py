@@ -152,3 +152,22 @@ async def test_garbage_on_the_stream_ends_it_and_the_server_stays_up(tmp_path: P
                 resp = await pbg.KVStub(ch).Put(pb.PutRequest(key=b"g", value=b"ok"))
                 assert resp.header.revision == 2
             await wait_for(lambda: node.counters.live_watchers == 0 and node.counters.watch_streams == 0, "cleanup")
+
+
+async def test_an_open_watch_does_not_make_lone_writes_concurrent(tmp_path: Path) -> None:
+    """The lone-write fast path counts open unary calls only: a client holding a watch (or a lease
+    keep-alive stream) still gets it for its one-at-a-time writes."""
+    async with running(tmp_path) as (server, target):
+        node = server.node
+        with anyio.fail_after(60):
+            async with aio_channel(target) as ch:
+                call = pbg.WatchStub(ch).Watch()
+                await call.write(create(b"lw"))
+                assert (await call.read()).created
+                before = node.counters.lone_writes
+                kv = pbg.KVStub(ch)
+                for i in range(20):
+                    await kv.Put(pb.PutRequest(key=b"lw", value=b"%d" % i))
+                    assert len((await call.read()).events) == 1
+                assert node.counters.lone_writes - before >= 15
+                call.cancel()
