@@ -508,6 +508,14 @@ def _lines(conn: Conn, n: int) -> list[str]:
     return out
 
 
+def _by_watcher(chunks: list[str]) -> list[str]:
+    """Group stream chunks by watch_id, keeping each watcher's order: etcd orders a stream's responses
+    per watcher only (different watchers' replies for one revision come in no fixed order)."""
+    def wid(chunk: str) -> int:
+        return int(json.loads(chunk).get("result", {}).get("watch_id", "0"))
+    return sorted(chunks, key=wid)
+
+
 def _watch_scenario(server: ServerProcess) -> str:
     norm = Norm(server.member_id, server.cluster_id, server.client_port, server.peer_port)
     port = server.client_port
@@ -520,14 +528,14 @@ def _watch_scenario(server: ServerProcess) -> str:
     conn, head = _watch_open(port, body)
     try:
         out = [render(head, norm)]
-        out += _lines(conn, 4)  # 3 created, then the catch-up event of watcher 7
+        out += _by_watcher(_lines(conn, 4))  # 3 created (in request order per watcher), watcher 7's catch-up
         post(port, "/v3/kv/put", {"key": b64("w1"), "value": b64("a")})
         post(port, "/v3/kv/put", {"key": b64("w0"), "value": b64("new")})
         post(port, "/v3/kv/put", {"key": b64("z"), "value": b64("filtered")})
         post(port, "/v3/kv/deleterange", {"key": b64("z")})
         post(port, "/v3/kv/txn", {"success": [{"request_delete_range": {"key": b64("w0")}},
                                               {"request_put": {"key": b64("w2"), "value": b64("b")}}]})
-        out += _lines(conn, 6)
+        out += _by_watcher(_lines(conn, 6))
         return norm.text("\n".join(out))
     finally:
         conn.close()
