@@ -234,7 +234,10 @@ def run(server: ServerProcess, steps: Sequence[Step | Callable[[ServerProcess], 
         body = step.body(server) if callable(step.body) else step.body
         if body is not None and not isinstance(body, str | bytes):
             body = json.dumps(body)
-        reply = exchange(server.client_port, step.method, step.path, body, step.headers)
+        try:
+            reply = exchange(server.client_port, step.method, step.path, body, step.headers)
+        except (TimeoutError, OSError) as exc:
+            raise AssertionError(f"{server.kind}: no answer to {step.title()!r} ({exc!r})") from exc
         out.append(f"{step.title()}\n{render(reply, norm)}")
     return "\n\n".join(out) + "\n"
 
