@@ -414,6 +414,8 @@ class Gateway:
 
     async def _stream_response(self, grpc_path: str, kind: Kind, start: Callable[[], AsyncIterator[Any]], *,
                                forward_metadata: bool = True) -> HttpResponse:
+        method = self.method(grpc_path)
+        response_type = method.response_type if method is not None else None
         """Start the call; answer once its first reply (or its end, or its error) is known: Go writes the
         status line with the first body bytes, and an error before any reply sets the status."""
         state = {"code": Code.OK}
@@ -448,10 +450,10 @@ class Gateway:
         async def lines() -> AsyncIterator[bytes]:
             try:
                 if first is not None:
-                    yield _result_line(first)
+                    yield _result_line(first, response_type)
                 if responses is not None and not ended:
                     async for item in responses:
-                        yield _result_line(item)
+                        yield _result_line(item, response_type)
             except EtcdError as exc:
                 state["code"] = exc.code
                 yield _stream_error_chunk(exc.code, exc.message)
@@ -472,9 +474,11 @@ class Gateway:
         return HttpResponse(200, headers, lines())
 
 
-def _result_line(item: Any) -> bytes:
-    if type(item) is bytes:
-        raise EtcdError(Code.INTERNAL, "gateway: pre-serialized stream replies are not supported")
+def _result_line(item: Any, response_type: type[Message] | None) -> bytes:
+    if type(item) is bytes:  # a service may hand the gRPC side pre-serialized replies (watch fan-out)
+        if response_type is None:
+            raise EtcdError(Code.INTERNAL, "gateway: pre-serialized reply of an unknown type")
+        item = response_type.FromString(item)
     return ('{"result":' + encode_message(item) + "}\n").encode()
 
 

@@ -99,7 +99,7 @@ class WatchStream:
         self.on_ready = on_ready
         self.watchers: dict[int, Watcher] = {}
         self.unsynced: dict[Watcher, None] = {}  # insertion-ordered set
-        self.outbox: deque[tuple[WatchResponse, int, int]] = deque()  # (response, events, bytes)
+        self.outbox: deque[tuple[WatchResponse | bytes, int, int]] = deque()  # (payload, events, bytes)
         self.buffered_events = 0  # in the outbox
         self.buffered_bytes = 0
         self.held_events = 0  # taken by the sender and not sent yet
@@ -200,7 +200,7 @@ class WatchStream:
         return WatchResponse(header=self.hub.header(rev), watch_id=wid, created=True, canceled=canceled,
                              cancel_reason=reason)
 
-    def _reply(self, resp: WatchResponse, events: int = 0, size: int = 0) -> None:
+    def _reply(self, resp: WatchResponse | bytes, events: int = 0, size: int = 0) -> None:
         was_empty = not self.outbox
         self.outbox.append((resp, events, size))
         self.buffered_events += events
@@ -225,19 +225,25 @@ class WatchStream:
         return (self.buffered_events + events <= limits.max_events
                 and self.buffered_bytes + size <= limits.max_bytes)
 
-    def take(self) -> list[WatchResponse]:
-        """Everything ready to send, in order (the outbox is emptied). The caller reports each
-        response it hands on with :meth:`sent`, so the stream's buffered count stays true."""
-        out = [resp for resp, _, _ in self.outbox]
+    def take(self) -> list[tuple[WatchResponse | bytes, int]]:
+        """Everything ready to send, in order, as (payload, events in it); the outbox is emptied. A
+        payload is a WatchResponse or its serialized bytes (see :func:`as_response`). The caller
+        reports each one it hands on with :meth:`sent`, so the stream's buffered count stays true."""
+        out = [(resp, events) for resp, events, _ in self.outbox]
         self.held_events += self.buffered_events
         self.outbox.clear()
         self.buffered_events = self.buffered_bytes = 0
         return out
 
-    def sent(self, resp: WatchResponse) -> None:
-        if resp.events:
-            self.held_events -= len(resp.events)
+    def sent(self, events: int) -> None:
+        if events:
+            self.held_events -= events
             self._report()
+
+    def send_encoded(self, w: Watcher, common: bytes, events: int, size: int) -> None:
+        """Queue a response for ``w`` whose header and events are already serialized in ``common``."""
+        w.sent_since_tick = True
+        self._reply(_watch_id_field(w.id) + common, events, size)
 
     def send_events(self, w: Watcher, events: list[Event], size: int, header: rpc_pb2.ResponseHeader) -> None:
         """Queue ``events`` for ``w`` as one response, or as fragments if it asked for them."""
@@ -337,6 +343,25 @@ class WatchStream:
         w.next_rev = rev
         self.unsynced[w] = None
         self.hub.victims += 1
+
+
+def _watch_id_field(wid: int) -> bytes:
+    """WatchResponse.watch_id (field 2, int64) on the wire; absent when 0, as proto3 encodes it.
+    Protobuf parsers accept fields in any order, so it may precede the shared header and events."""
+    if wid == 0:
+        return b""
+    v = wid & 0xFFFFFFFFFFFFFFFF  # negative int64: ten-byte two's complement varint
+    out = bytearray(b"\x10")
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def as_response(payload: WatchResponse | bytes) -> WatchResponse:
+    """The WatchResponse of an outbox payload (parsing it if it was sent pre-serialized)."""
+    return WatchResponse.FromString(payload) if isinstance(payload, bytes) else payload
 
 
 def _fragments(resp: WatchResponse, limit: int) -> Iterable[WatchResponse]:
@@ -459,7 +484,9 @@ class WatchHub:
         if not found:
             return
         shared: dict[tuple[int, bool], Event] = {}  # one Event per record and prev_kv choice
+        encoded: dict[tuple[int, ...], bytes] = {}  # one serialized header + events per event list
         header = self.header(main)
+        frag_limit = self.limits.fragment_bytes
         for w, wrecs in found.items():
             events = []
             size = 0
@@ -472,7 +499,14 @@ class WatchHub:
                 size += _event_cost(ev)
             stream = w.stream
             if stream.fits(len(events), size):
-                stream.send_events(w, events, size, header)
+                if w.fragment and len(events) > 1 and size >= frag_limit // 2:
+                    stream.send_events(w, events, size, header)  # may need splitting
+                else:
+                    sig = tuple(id(ev) for ev in events)
+                    common = encoded.get(sig)
+                    if common is None:
+                        common = encoded[sig] = WatchResponse(header=header, events=events).SerializeToString()
+                    stream.send_encoded(w, common, len(events), size)
                 self.events_sent += len(events)
             else:
                 stream.fall_behind(w, main)

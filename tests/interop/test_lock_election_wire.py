@@ -66,9 +66,10 @@ class Ctx:
         try:
             resp = fn()
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                # the client's own timer and the server's status race: the text is whichever came first
-                self.out.append(f"{label}: {exc.code().name}")
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or exc.details() == "context deadline exceeded":
+                # The client's own timer and the server's answer race: etcd's lock/election servers return
+                # their context's error as UNKNOWN "context deadline exceeded" when theirs fires first.
+                self.out.append(f"{label}: deadline exceeded")
             else:
                 self.out.append(f"{label}: {exc.code().name} {exc.details()!r}")
             return None

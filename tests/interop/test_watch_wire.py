@@ -118,7 +118,10 @@ def empty_ranges_and_key_forms(c: Ctx) -> None:
         c.note(*(w.recv() for _ in range(5)))
         c.put(b"form/k1")
         c.put(b"zzz-form")
-        c.note_unordered(*(w.recv() for _ in range(4)))  # all+prefix+from-key for form/k1; all for zzz-form
+        # form/k1: all, prefix and from-key; zzz-form: all and from-key
+        c.note_unordered(*(w.recv() for _ in range(5)))
+        w.progress()
+        c.note(w.recv())  # nothing else came
 
 
 def live_events_txn_and_deletes(c: Ctx) -> None:

@@ -21,7 +21,7 @@ from ..errors import Code, EtcdError
 from ..mvcc import prefix_end
 from ..node import Node
 from ..rpc import CallContext
-from ..watch_hub import WatchStream
+from ..watch_hub import WatchStream, as_response
 from .kv import KVService
 from .lease import LeaseService
 
@@ -155,9 +155,9 @@ class _Watch:
                 return resp
             stream = self.stream
             if stream.outbox:
-                self._ready = stream.take()
-                for r in self._ready:
-                    stream.sent(r)
+                for payload, events in stream.take():
+                    self._ready.append(as_response(payload))
+                    stream.sent(events)
                 continue
             if stream.needs_catch_up():
                 stream.catch_up()

@@ -44,7 +44,7 @@ class WatchService:
         self.node = node
 
     async def watch(self, requests: AsyncIterator[rpc_pb2.WatchRequest],
-                    ctx: CallContext) -> AsyncIterator[rpc_pb2.WatchResponse]:
+                    ctx: CallContext) -> AsyncIterator[rpc_pb2.WatchResponse | bytes]:
         """One watch stream. Stays open after the client half-closes (as etcd does);
         ends when the client cancels. Raises the request stream's error (e.g. an oversized
         message)."""
@@ -74,9 +74,9 @@ class WatchService:
                 if failure:
                     raise failure[0]
                 if stream.outbox:
-                    for resp in stream.take():
-                        yield resp
-                        stream.sent(resp)
+                    for payload, events in stream.take():
+                        yield payload  # the transport sends bytes as they are
+                        stream.sent(events)
                     continue
                 if stream.needs_catch_up():
                     stream.catch_up()
