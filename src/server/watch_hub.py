@@ -235,6 +235,13 @@ class WatchStream:
         self.buffered_events = self.buffered_bytes = 0
         return out
 
+    def ready(self) -> list[tuple[WatchResponse | bytes, int]]:
+        """What a sender hands on now: the outbox, or else what one catch-up step produced; empty
+        when there is nothing yet (call again while :meth:`needs_catch_up`, after a checkpoint)."""
+        if not self.outbox and self.unsynced:
+            self.catch_up()
+        return self.take()
+
     def sent(self, events: int) -> None:
         if events:
             self.held_events -= events

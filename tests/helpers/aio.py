@@ -13,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+
+from coord_server.app import Server, open_server
+from coord_server.config import Config
 
 SETTLE_SECONDS = 0.05
 
@@ -29,3 +33,27 @@ async def aio_channel(target: str, **kwargs: Any) -> AsyncIterator[grpc.aio.Chan
     finally:
         await ch.close()
         await asyncio.sleep(SETTLE_SECONDS)
+
+
+# -- a coord-server in this process (tests of the asyncio server with grpc.aio on the same loop) -----
+
+
+def server_config(data_dir: Path, **kw: Any) -> Config:
+    """A Config for an in-process server on 127.0.0.1 port 0 in ``data_dir``."""
+    return Config(data_dir=data_dir, listen_client_urls=["http://127.0.0.1:0"],
+                  advertise_client_urls=["http://127.0.0.1:2379"], **kw)
+
+
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path, **kw: Any) -> AsyncIterator[tuple[Server, str]]:
+    """A running in-process server and its ``host:port``."""
+    async with open_server(server_config(data_dir, **kw)) as server:
+        host, port = server.addresses[0]
+        yield server, f"{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def serving_with_channel(data_dir: Path, **kw: Any) -> AsyncIterator[tuple[Server, grpc.aio.Channel]]:
+    """A running in-process server and a grpc.aio channel to it (closed and settled on exit)."""
+    async with serving(data_dir, **kw) as (server, target), aio_channel(target) as channel:
+        yield server, channel

@@ -13,8 +13,6 @@ reply arrived before TTL" is a proven early expiry), upper bounds are generous.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +20,11 @@ import anyio
 import grpc
 import pytest
 from helpers.aio import aio_channel
+from helpers.aio import serving_with_channel as running
 
 from coord._pb import rpc_pb2 as pb
 from coord._pb import rpc_pb2_grpc as pbg
-from coord_server.app import Server, open_server
-from coord_server.config import Config
+from coord_server.app import Server
 from coord_server.lessor import lease_op
 
 pytestmark = pytest.mark.anyio
@@ -37,17 +35,6 @@ def anyio_backend() -> str:
     return "asyncio"  # the server runs on asyncio; grpc.aio shares the loop
 
 
-def _config(data_dir: Path, **kw: object) -> Config:
-    return Config(data_dir=data_dir, listen_client_urls=["http://127.0.0.1:0"],
-                  advertise_client_urls=["http://127.0.0.1:2379"], **kw)  # type: ignore[arg-type]
-
-
-@asynccontextmanager
-async def running(data_dir: Path, **kw: object) -> AsyncIterator[tuple[Server, grpc.aio.Channel]]:
-    async with open_server(_config(data_dir, **kw)) as server:
-        host, port = server.addresses[0]
-        async with aio_channel(f"{host}:{port}") as channel:
-            yield server, channel
 
 
 def target(server: Server) -> str:

@@ -3,21 +3,19 @@ hostile streams (thousands of watchers, cancel storms, garbage) leak nothing."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import grpc
 import pytest
 from helpers.aio import aio_channel
+from helpers.aio import serving as running
 from helpers.watch_client import CHANNEL_OPTIONS
 from helpers.watch_validator import History, WatchLog, validate
 
 from coord._pb import rpc_pb2 as pb
 from coord._pb import rpc_pb2_grpc as pbg
-from coord_server.app import Server, open_server
-from coord_server.config import Config
 from coord_server.watch_hub import Limits
 
 pytestmark = pytest.mark.anyio
@@ -28,13 +26,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@asynccontextmanager
-async def running(data_dir: Path) -> AsyncIterator[tuple[Server, str]]:
-    cfg = Config(data_dir=data_dir, listen_client_urls=["http://127.0.0.1:0"],
-                 advertise_client_urls=["http://127.0.0.1:2379"])
-    async with open_server(cfg) as server:
-        host, port = server.addresses[0]
-        yield server, f"{host}:{port}"
 
 
 def create(key: bytes, end: bytes = b"", **kw: object) -> pb.WatchRequest:

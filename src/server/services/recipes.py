@@ -154,14 +154,13 @@ class _Watch:
                 await anyio.lowlevel.checkpoint()
                 return resp
             stream = self.stream
-            if stream.outbox:
-                for payload, events in stream.take():
+            batch = stream.ready()
+            if batch:
+                for payload, events in batch:
                     self._ready.append(as_response(payload))
                     stream.sent(events)
-                continue
-            if stream.needs_catch_up():
-                stream.catch_up()
+            elif stream.needs_catch_up():
                 await anyio.lowlevel.checkpoint()
-                continue
-            await self._event.wait()
-            self._event = anyio.Event()
+            else:
+                await self._event.wait()
+                self._event = anyio.Event()

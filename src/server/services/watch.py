@@ -73,16 +73,15 @@ class WatchService:
             while True:
                 if failure:
                     raise failure[0]
-                if stream.outbox:
-                    for payload, events in stream.take():
+                batch = stream.ready()
+                if batch:
+                    for payload, events in batch:
                         yield payload  # the transport sends bytes as they are
                         stream.sent(events)
-                    continue
-                if stream.needs_catch_up():
-                    stream.catch_up()
+                elif stream.needs_catch_up():
                     await anyio.lowlevel.checkpoint()
-                    continue
-                await wake.wait()
+                else:
+                    await wake.wait()
         finally:
             scope.cancel()
             stream.close()
