@@ -1,0 +1,1 @@
+"""A leader-elected queue worker on coord: ``python -m examples.worker --help``."""
