@@ -37,9 +37,9 @@ from ._types import (
 )
 
 if TYPE_CHECKING:
-    from ._lock import Election, Lock
+    from ._lock import Election, Lock, _Place, _Queued
     from ._session import Session
-    from ._watch import Watch
+    from ._watch import Watch, _WatchHub
 
 log = logging.getLogger("coord")
 
@@ -86,6 +86,17 @@ async def _run_background(
         bg.done.set()
 
 
+async def _run_started(fn: Callable[[], Awaitable[None]], bg: Background) -> None:
+    try:
+        with bg.scope:
+            try:
+                await fn()
+            except Exception:  # background tasks never raise: their owners turn failure into state
+                log.exception("coord background task failed")
+    finally:
+        bg.done.set()
+
+
 def _read_only(ops: Iterable[Op]) -> bool:
     for op in ops:
         if isinstance(op, Put | Delete):
@@ -102,6 +113,10 @@ class Client:
         self._transport = transport
         self._tg = tg
         self._closed = False
+        self._hub: _WatchHub | None = None
+        self._queue_waiters: dict[bytes, _Queued] = {}  # own key -> lock/campaign waiting in its queue
+        self._queue_releasing: dict[bytes, anyio.Event] = {}  # own key -> set once its release txn answered
+        self._queue_places: dict[bytes, _Place] = {}  # own key -> the place (and watchers) of a session
         self.watch_probe_interval = watch_probe_interval
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -114,10 +129,12 @@ class Client:
     def transport(self) -> Transport:
         return self._transport
 
-    async def _call(self, name: str, request: Any, *, idempotent: bool) -> Any:
+    async def _call(
+        self, name: str, request: Any, *, idempotent: bool, on_response: Callable[[Any], None] | None = None
+    ) -> Any:
         if self._closed:
             raise errors.ClientClosed("the client is closed")
-        return await self._transport.unary(METHODS[name], request, idempotent=idempotent)
+        return await self._transport.unary(METHODS[name], request, idempotent=idempotent, on_response=on_response)
 
     async def _spawn(self, fn: Callable[[], Awaitable[None]]) -> Background:
         """Run ``fn`` as a background task in the client's task group. A checkpoint."""
@@ -125,6 +142,26 @@ class Client:
             raise errors.ClientClosed("the client is closed")
         bg: Background = await self._tg.start(_run_background, fn)
         return bg
+
+    def _start_soon(self, fn: Callable[[], Awaitable[None]]) -> Background:
+        """Like :meth:`_spawn`, without waiting for the task to start (so not a checkpoint)."""
+        if self._closed:
+            raise errors.ClientClosed("the client is closed")
+        bg = Background()
+        self._tg.start_soon(_run_started, fn, bg)
+        return bg
+
+    def _watch_hub(self) -> _WatchHub:
+        """The hub that runs every watch of this client on one stream (started on first use)."""
+        if self._closed:
+            raise errors.ClientClosed("the client is closed")
+        hub = self._hub
+        if hub is None or hub.closed:
+            from ._watch import _WatchHub
+
+            hub = self._hub = _WatchHub(self)
+            self._tg.start_soon(hub.run)
+        return hub
 
     # -- KV --------------------------------------------------------------------------------------
     async def get(self, key: Key, *, revision: int = 0, serializable: bool = False) -> KeyValue | None:

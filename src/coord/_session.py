@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 _KEEPALIVE = METHODS["LeaseKeepAlive"]
 _HASLEADER = (("hasleader", "true"),)
 RECONNECT_PAUSE = 0.05
+PLACE_CACHE = 8
+"""Idle queue places (lock/campaign watchers) a session keeps for its next turn in the same queue."""
+PLACE_LINGER = 30.0
+"""Seconds an idle place keeps its watchers (swept at each keep-alive and whenever a place is taken or left)."""
 
 
 class Session:
@@ -49,8 +53,11 @@ class Session:
         """The lease ID (keys written with ``lease=session`` are deleted with it)."""
         self._clock = clock
         self._lost = anyio.Event()
+        self._on_lost: dict[int, Callable[[], None]] = {}
+        self._next_callback = 0
         self._closed = False
         self._names: set[bytes] = set()  # lock/campaign keys queued or held through this session
+        self._places: dict[bytes, Any] = {}  # own key -> _lock._Place: queue watchers kept for the next round
         self.keepalives = 0
         """Keep-alive replies received (for tests and metrics)."""
 
@@ -63,7 +70,7 @@ class Session:
     def state(self) -> SessionState:
         st = self._clock.state(anyio.current_time())
         if st is SessionState.LOST:
-            self._lost.set()
+            self._mark_lost()
         return st
 
     @property
@@ -109,9 +116,44 @@ class Session:
     def _release(self, key: bytes) -> None:
         self._names.discard(key)
 
+    def _sweep_places(self) -> None:
+        """Drop the watchers of idle queue places beyond PLACE_CACHE, or idle for longer than PLACE_LINGER
+        (least recently used first). Never raises."""
+        now = anyio.current_time()
+        idle = [p for p in self._places.values() if p.owner is None]
+        for i, place in enumerate(idle):
+            if len(idle) - i > PLACE_CACHE or now - place.idle_since > PLACE_LINGER:
+                del self._places[place.key]
+                place.close()
+
     def _set_lost(self) -> None:
         self._clock.state(anyio.current_time())
+        self._mark_lost()
+
+    def _mark_lost(self) -> None:
+        """Set the lost event and tell everything that registered with :meth:`_call_on_lost`, once."""
+        if self._lost.is_set():
+            return
         self._lost.set()
+        callbacks = list(self._on_lost.values())
+        self._on_lost.clear()
+        for cb in callbacks:
+            cb()
+
+    def _call_on_lost(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (sync, must not raise) when the session is lost (at once if it already is).
+        Returns the function that unregisters it. Cheaper than a task waiting on :meth:`wait_lost`."""
+        if self._lost.is_set():
+            callback()
+            return _nothing
+        handle = self._next_callback
+        self._next_callback += 1
+        self._on_lost[handle] = callback
+
+        def forget() -> None:
+            self._on_lost.pop(handle, None)
+
+        return forget
 
     # -- keep-alive task -----------------------------------------------------------------------
     async def _keepalive(self) -> None:
@@ -123,7 +165,7 @@ class Session:
         while True:
             now = anyio.current_time()
             if self._clock.state(now) is SessionState.LOST:
-                self._lost.set()
+                self._mark_lost()
                 scope.cancel()
                 return
             await anyio.sleep(max(self._clock.deadline - now, 0.001))
@@ -151,7 +193,7 @@ class Session:
                     self.keepalives += 1
                     st = self._clock.replied(resp.TTL, anyio.current_time())
                     if st is SessionState.LOST:
-                        self._lost.set()
+                        self._mark_lost()
                         outer.cancel()
                         return
             except (errors.CoordError, anyio.EndOfStream):
@@ -167,11 +209,16 @@ class Session:
                         break
                     self._clock.sent(anyio.current_time())
                     await stream.send(request)
+                    self._sweep_places()
                     with anyio.move_on_after(max(self._clock.next_send() - anyio.current_time(), 0.0)):
                         await broken.wait()
             except errors.CoordError:
                 pass
             tg.cancel_scope.cancel()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _new_lease_id() -> int:
@@ -232,11 +279,15 @@ async def open_session(client: Client, ttl: int) -> AsyncIterator[Session]:
         yield session
     finally:
         session._closed = True
+        places = list(session._places.values())
+        session._places.clear()
+        for place in places:
+            place.close()
         await bg.aclose()
         if not session._lost.is_set():
             await _revoke_quietly(client, lease_id)
         session._clock.revoked()
-        session._lost.set()
+        session._mark_lost()
 
 
 def lock_key(name: Key, lease_id: int) -> tuple[bytes, bytes]:

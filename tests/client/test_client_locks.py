@@ -215,3 +215,195 @@ async def test_lost_session_cancels_term(shared_server: ServerProcess) -> None:
                     await anyio.sleep(20)
             with pytest.raises(coord.LeadershipLost):
                 await term.proclaim("again")
+
+
+async def test_hand_off_within_and_across_clients(shared_server: ServerProcess) -> None:
+    """Contenders in two clients: hand-offs between tasks of one client (the releaser tells the next owner
+    directly) and between clients (the next owner reads the queue) exclude each other and keep the fencing
+    tokens growing; nothing is left behind."""
+    name = unique("lx")
+    rounds = 4
+    inside = 0
+    overlaps = 0
+    tokens: list[int] = []
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as c1, coord.open_client(shared_server.endpoint) as c2:
+            leases_before = await _lease_count(c1)
+
+            async def worker(client: coord.Client) -> None:
+                nonlocal inside, overlaps
+                async with client.session(ttl=10) as session:
+                    lock = session.lock(name)
+                    for _ in range(rounds):
+                        async with lock:
+                            inside += 1
+                            overlaps += inside > 1
+                            tokens.append(lock.fencing_token)
+                            await anyio.sleep(0.002)
+                            inside -= 1
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(worker, c1)
+                    tg.start_soon(worker, c2)
+            assert overlaps == 0
+            assert len(tokens) == 8 * rounds and tokens == sorted(set(tokens))
+            assert (await c1.get_prefix(name + "/")).count == 0
+            assert await _lease_count(c1) == leases_before
+            assert not c1._queue_waiters and not c1._queue_releasing
+
+
+async def test_fifo_order_alternating_clients(shared_server: ServerProcess) -> None:
+    name = unique("lf")
+    order: list[int] = []
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as c1, coord.open_client(shared_server.endpoint) as c2:
+            queued = [anyio.Event() for _ in range(6)]
+
+            async def worker(i: int) -> None:
+                client = (c1, c2)[i % 2]
+                if i:
+                    await queued[i - 1].wait()
+                async with client.session(ttl=10) as session:
+                    lock = session.lock(name)
+                    async with anyio.create_task_group() as tg:
+
+                        async def mark() -> None:
+                            await wait_until_exists(client, lock.key)
+                            queued[i].set()
+
+                        tg.start_soon(mark)
+                        async with lock:
+                            order.append(i)
+                            await anyio.sleep(0.02)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(6):
+                    tg.start_soon(worker, i)
+            assert order == list(range(6))
+
+
+async def test_reacquiring_reuses_the_queue_watchers(shared_server: ServerProcess) -> None:
+    """Two sessions (in two clients) taking turns on one lock: after the first rounds, further hand-offs send no
+    watch create request (the own-key and predecessor watchers are kept by the sessions); closing the sessions
+    removes them."""
+    name = unique("lw")
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as c1, coord.open_client(shared_server.endpoint) as c2:
+            hubs = (c1._watch_hub(), c2._watch_hub())
+            async with c1.session(ttl=10) as s1, c2.session(ttl=10) as s2:
+                locks = (s1.lock(name), s2.lock(name))
+                turn = [anyio.Event() for _ in range(40)]
+                turn[0].set()
+
+                async def player(me: int, rounds: range) -> None:
+                    for r in rounds:
+                        if r % 2 != me:
+                            continue
+                        await turn[r].wait()
+                        async with locks[me]:
+                            turn[r + 1].set()  # the other one queues behind us while we hold
+                            await anyio.sleep(0.005)
+
+                async def play(rounds: range) -> None:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(player, 0, rounds)
+                        tg.start_soon(player, 1, rounds)
+
+                await play(range(0, 6))
+                creates = [h.creates for h in hubs]
+                await play(range(6, 38))
+                assert [h.creates for h in hubs] == creates
+                assert all(h.live for h in hubs)
+            assert not any(h.live for h in hubs)
+
+
+async def test_waiter_whose_key_is_deleted_gives_up_at_once(shared_server: ServerProcess) -> None:
+    """The waiter's own key is watched while it waits: deleting it ends the wait with SessionExpired, while the
+    holder still holds (etcd #11456 is caught without waiting for the hand-off)."""
+    name = unique("lv")
+    outcome: list[BaseException] = []
+    gave_up = anyio.Event()
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as client:
+            async with client.session(ttl=10) as hs, client.session(ttl=10) as ws:
+                waiter = ws.lock(name)
+
+                async def wait() -> None:
+                    try:
+                        await waiter.acquire()
+                    except coord.SessionExpired as exc:
+                        outcome.append(exc)
+                    gave_up.set()
+
+                async with hs.lock(name), anyio.create_task_group() as tg:
+                    tg.start_soon(wait)
+                    await wait_until_exists(client, waiter.key)
+                    await client.delete(waiter.key)
+                    with anyio.fail_after(5):
+                        await gave_up.wait()
+                    assert len(outcome) == 1 and not waiter.held
+                assert (await client.get_prefix(name + "/")).count == 0
+
+
+async def test_cancelled_waiter_in_a_chain_of_one_client(shared_server: ServerProcess) -> None:
+    """A holds, B and C wait (all in one client, C behind B). B gives up: C, whose predecessor vanished, goes
+    back to waiting for A and gets the lock only after A released it."""
+    name = unique("lz")
+    events: list[str] = []
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as client:
+            async with client.session(ttl=10) as sa, client.session(ttl=10) as sb, client.session(ttl=10) as sc:
+                b_scope = anyio.CancelScope()
+                c_lock = sc.lock(name)
+
+                async def b() -> None:
+                    with b_scope:
+                        async with sb.lock(name):
+                            events.append("B")
+
+                async def c() -> None:
+                    async with c_lock:
+                        events.append("C")
+
+                async with anyio.create_task_group() as tg:
+                    async with sa.lock(name):
+                        tg.start_soon(b)
+                        await wait_until_exists(client, sb.lock(name).key)
+                        tg.start_soon(c)
+                        await wait_until_exists(client, c_lock.key)
+                        b_scope.cancel()
+                        await anyio.sleep(0.3)
+                        assert events == []  # C must still wait for A
+                        events.append("A releases")
+                assert events == ["A releases", "C"]
+
+
+async def test_idle_queue_watchers_are_bounded_and_swept(
+    shared_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session keeps the watchers of at most PLACE_CACHE idle queues, and drops those idle for longer than
+    PLACE_LINGER at its next keep-alive, without any other lock activity."""
+    from coord import _session
+
+    name = unique("lb")
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as client:
+            hub = client._watch_hub()
+            async with client.session(ttl=10) as session:
+                for i in range(_session.PLACE_CACHE + 4):
+                    async with session.lock(f"{name}-{i}"):
+                        pass
+                assert len(session._places) == _session.PLACE_CACHE
+                assert len(hub.live) == _session.PLACE_CACHE  # free locks: own-key watchers only
+            assert not hub.live and not client._queue_places
+            monkeypatch.setattr(_session, "PLACE_LINGER", 0.2)
+            async with client.session(ttl=3) as session:  # a keep-alive every second
+                async with session.lock(name):
+                    pass
+                assert len(hub.live) == 1
+                for _ in range(50):  # ~5 s: several keep-alives
+                    if not hub.live:
+                        break
+                    await anyio.sleep(0.1)
+                assert not hub.live and not session._places
