@@ -4,10 +4,13 @@ Everything above it is anyio code that calls :meth:`Transport.unary` and :meth:`
 
 Event loops. grpc.aio needs an asyncio loop. On asyncio (and uvloop) the transport awaits grpc.aio
 directly in the caller's loop. Under Trio it opens its own trio-asyncio loop for the lifetime of the
-client and crosses into it with ``aio_as_trio``: every grpc object is created and awaited inside that
-loop. Either way, channels are closed (shielded, bounded) and late completions of cancelled calls are
-given a moment to land *before* the loop that owns them goes away (grpc's poller thread would otherwise
-hand them to a closed loop, which breaks the next loop that runs).
+client, and every grpc object is created and awaited inside that loop. Each callback that loop runs costs
+a round of the Trio scheduler, so the hot paths keep them few: a unary call is started by one callback and
+driven by done-callbacks straight back to the waiting Trio task (no wrapper task), and the shared watch
+stream (:class:`PushStream`) reads and writes in two tasks of that loop, handing replies to a plain
+function as they arrive, with no crossing per message. Either way, channels are closed (shielded, bounded)
+and late completions of cancelled calls are given a moment to land *before* the loop that owns them goes
+away (grpc's poller thread would otherwise hand them to a closed loop, which breaks the next loop that runs).
 
 Deadlines. No call takes a timeout argument: the caller's effective anyio deadline (``fail_after`` /
 ``move_on_after``) is sent to the server as the gRPC timeout, and when gRPC reports DEADLINE_EXCEEDED the
