@@ -8,6 +8,11 @@ reply stretch our belief past the server's expiry.
 
 States: HELD (keep-alives answered) → SUSPENDED (keep-alives failing or overdue, local deadline not
 passed; may return to HELD) → LOST (deadline passed, or the server answered TTL <= 0: terminal).
+
+Keep-alives go out every TTL/3; one is *overdue* when unanswered for half an interval (TTL/6). A reply
+normally takes milliseconds, so an overdue one means a frozen or partitioned member (or a member waiting
+for a new raft leader), and the session moves to another one. Waiting a whole interval instead would leave
+only a third of the TTL to find a member that answers, less than an etcd leader election can take.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class LeaseClock:
         self.ttl = float(ttl)
         self.deadline = granted_at + self.ttl
         self.interval = interval if interval is not None else max(self.ttl / 3.0, 0.05)
+        self.patience = self.interval / 2
         self.last_sent = granted_at
         self._pending: deque[float] = deque()
         self._broken = False
@@ -78,12 +84,19 @@ class LeaseClock:
         return SessionState.HELD
 
     def overdue(self, now: float) -> bool:
-        """True when the oldest unanswered keep-alive was sent more than one interval ago."""
-        return bool(self._pending) and now - self._pending[0] > self.interval
+        """True when the oldest unanswered keep-alive was sent more than ``patience`` (half an interval) ago."""
+        return bool(self._pending) and now - self._pending[0] > self.patience
 
     def next_send(self) -> float:
         """When the next keep-alive should be written."""
         return self.last_sent + self.interval
+
+    def next_check(self) -> float:
+        """When the keep-alive loop must look again: the next send, or the moment the oldest unanswered
+        keep-alive becomes overdue, whichever comes first."""
+        if self._pending:
+            return min(self.next_send(), self._pending[0] + self.patience)
+        return self.next_send()
 
     def remaining(self, now: float) -> float:
         """Seconds left before the local deadline (0 when LOST)."""

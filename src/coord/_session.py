@@ -202,15 +202,19 @@ class Session:
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader)
             try:
+                first = True  # a new stream sends at once: the one before may have died with a request unanswered
                 while not broken.is_set():
-                    if self._clock.overdue(anyio.current_time()):
+                    now = anyio.current_time()
+                    if self._clock.overdue(now):
                         # the last keep-alive is overdue: this member may be frozen; try another one
                         self._client._transport.report_failure(stream.endpoint)
                         break
-                    self._clock.sent(anyio.current_time())
-                    await stream.send(request)
-                    self._sweep_places()
-                    with anyio.move_on_after(max(self._clock.next_send() - anyio.current_time(), 0.0)):
+                    if first or now >= self._clock.next_send():
+                        first = False
+                        self._clock.sent(now)
+                        await stream.send(request)
+                        self._sweep_places()
+                    with anyio.move_on_after(max(self._clock.next_check() - anyio.current_time(), 0.0)):
                         await broken.wait()
             except errors.CoordError:
                 pass

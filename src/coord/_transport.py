@@ -19,12 +19,12 @@ moves on), never a gRPC error.
 
 Failover and retries. The endpoints are tried in turn. An endpoint whose connection fails is put aside
 for a short exponential backoff (50 ms doubling to 2 s, with jitter; a success resets it) — never for
-minutes — and the next one is used. A call is repeated on another endpoint only when that cannot apply a
-write twice: reads and other idempotent calls always; writes only when the request certainly did not
-reach a server (no connection, or the server refused it before applying: "no leader", an expired auth
-token). A write that was sent and whose answer was lost raises :class:`OutcomeUnknown`. Idempotent calls
-keep retrying within the caller's deadline, and at most ``retry_window`` seconds without one, then raise
-:class:`Unavailable`.
+minutes — and another one is used (the rules are in ``_endpoints.py``). A call is repeated on another
+endpoint only when that cannot apply a write twice: reads and other idempotent calls always; writes only
+when the request certainly did not reach a server (no connection, or the server refused it before
+applying: "no leader", an expired auth token). A write that was sent and whose answer was lost raises
+:class:`OutcomeUnknown`. Idempotent calls keep retrying within the caller's deadline, and at most
+``retry_window`` seconds without one, then raise :class:`Unavailable`.
 
 Errors. :func:`map_error` turns a gRPC status into the CoordError hierarchy; the original gRPC error is
 the ``__cause__``.
@@ -49,12 +49,11 @@ import grpc  # type: ignore[import-untyped]
 import sniffio
 
 from . import _errors as errors
+from ._endpoints import EndpointRotation
 
 T = TypeVar("T")
 
 CONNECT_TIMEOUT = 3.0  # one attempt to reach an endpoint (a SIGSTOPped server accepts TCP but never answers)
-BACKOFF_MIN = 0.05
-BACKOFF_MAX = 2.0
 CLOSE_BOUND = 2.0  # shielded cleanup (channel close, stream cancel) never takes longer than this
 SETTLE_SECONDS = 0.05  # let grpc's poller deliver completions of cancelled calls before the loop goes away
 
@@ -380,9 +379,8 @@ async def _open_runner() -> AsyncIterator[_Runner]:
 @dataclass
 class _Endpoint:
     target: str
+    index: int  # in the EndpointRotation
     channel: Any = None
-    failures: int = 0
-    retry_at: float = -math.inf
     stubs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -437,10 +435,9 @@ class Transport:
         connect_timeout: float,
     ) -> None:
         self._run = runner
-        self._endpoints = [_Endpoint(parse_endpoint(e)) for e in endpoints]
-        if not self._endpoints:
-            raise ValueError("at least one endpoint is needed")
-        self._current = 0
+        self._endpoints = [_Endpoint(parse_endpoint(e), i) for i, e in enumerate(endpoints)]
+        self._random = random.Random()
+        self._rotation = EndpointRotation(len(self._endpoints), jitter=self._random.random)
         self._user = user
         self._password = password
         self._token: str | None = None
@@ -450,56 +447,38 @@ class Transport:
         self.retry_window = retry_window
         self.connect_timeout = connect_timeout
         self.closed = False
-        self._random = random.Random()
 
     # -- endpoints ----------------------------------------------------------------------------
     @property
     def current_endpoint(self) -> str:
         """The endpoint (host:port) calls currently go to."""
-        return self._endpoints[self._current].target
+        return self._endpoints[self._rotation.current].target
 
     @property
     def endpoints(self) -> list[str]:
         return [e.target for e in self._endpoints]
 
     def _mark_failed(self, ep: _Endpoint) -> None:
-        ep.failures += 1
-        backoff = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (ep.failures - 1))
-        ep.retry_at = anyio.current_time() + backoff * (0.5 + self._random.random() / 2)
-        if self._endpoints[self._current] is ep and len(self._endpoints) > 1:
-            self._current = (self._current + 1) % len(self._endpoints)
+        self._rotation.failed(ep.index, anyio.current_time())
 
     def report_failure(self, target: str) -> None:
-        """Put the endpoint ``target`` aside (backoff) and move on to the next one: used when a stream to it
+        """Put the endpoint ``target`` aside (backoff) and move on to another one: used when a stream to it
         went silent although its connection looks healthy (a frozen or partitioned member)."""
         for ep in self._endpoints:
             if ep.target == target:
                 self._mark_failed(ep)
 
-    @staticmethod
-    def _mark_ok(ep: _Endpoint) -> None:
-        ep.failures = 0
-        ep.retry_at = -math.inf
+    def _mark_ok(self, ep: _Endpoint) -> None:
+        self._rotation.ok(ep.index)
 
     async def _choose(self) -> _Endpoint:
         """The endpoint to use next; sleeps (a checkpoint) while every endpoint is backing off."""
         if self.closed:
             raise errors.ClientClosed("the client is closed")
-        n = len(self._endpoints)
-        now = anyio.current_time()
-        eps = self._endpoints
-        eligible = [i for i in range(n) if eps[i].retry_at <= now]
-        if eligible:
-            if self._current in eligible and eps[self._current].failures == 0:
-                return eps[self._current]
-            # prefer endpoints that have not failed since their last success, then the next in line
-            best = min(eligible, key=lambda i: (eps[i].failures, (i - self._current) % n))
-            self._current = best
-            return eps[best]
-        soonest = min(range(n), key=lambda i: self._endpoints[i].retry_at)
-        await anyio.sleep(max(0.0, self._endpoints[soonest].retry_at - now))
-        self._current = soonest
-        return self._endpoints[soonest]
+        index, wait = self._rotation.choose(anyio.current_time())
+        if wait > 0:
+            await anyio.sleep(wait)
+        return self._endpoints[index]
 
     async def _connected(self, ep: _Endpoint, budget: float = math.inf) -> Any:
         """The endpoint's channel once it is READY, waiting at most ``connect_timeout`` (and ``budget``).
@@ -605,8 +584,8 @@ class Transport:
                 raise errors.Unavailable(
                     f"no endpoint answered within {self.retry_window:g}s (tried {', '.join(self.endpoints)}): {last}"
                 ) from last
-            ep = self._endpoints[self._current]
-            if ep.failures or self.closed:
+            ep = self._endpoints[self._rotation.current]
+            if not self._rotation.healthy() or self.closed:
                 ep = await self._choose()
             ch = ep.channel
             if ch is None or ch.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:

@@ -6,6 +6,7 @@ import pytest
 
 from coord import Compare, Delete, Get, Put, SessionState, SortOrder, SortTarget, Txn, prefix_end
 from coord import _errors as errors
+from coord._endpoints import EndpointRotation
 from coord._lease_clock import LeaseClock
 from coord._transport import map_error, parse_endpoint
 from coord._txn import txn_request
@@ -33,11 +34,20 @@ class TestLeaseClock:
         assert c.deadline == 14.0
 
     def test_overdue_reply_is_suspended(self) -> None:
-        c = LeaseClock(0.0, 9)  # interval 3
+        c = LeaseClock(0.0, 9)  # interval 3, patience 1.5
         c.sent(3.0)
-        assert c.state(5.9) is SessionState.HELD
-        assert c.state(6.5) is SessionState.SUSPENDED
+        assert c.state(4.4) is SessionState.HELD
+        assert not c.overdue(4.4)
+        assert c.overdue(4.6)
+        assert c.state(4.6) is SessionState.SUSPENDED
+        assert c.next_check() == 4.5  # the loop wakes when the reply becomes overdue, before the next send (6.0)
         assert c.state(9.0) is SessionState.LOST
+
+    def test_next_check_is_the_send_time_when_nothing_is_pending(self) -> None:
+        c = LeaseClock(0.0, 9)
+        c.sent(3.0)
+        c.replied(9, now=3.1)
+        assert c.next_check() == 6.0
 
     def test_ttl_zero_reply_is_lost_and_terminal(self) -> None:
         c = LeaseClock(0.0, 9)
@@ -66,6 +76,63 @@ class TestLeaseClock:
     def test_invalid_ttl(self) -> None:
         with pytest.raises(ValueError):
             LeaseClock(0.0, 0)
+
+
+class TestEndpointRotation:
+    @staticmethod
+    def rotation(n: int) -> EndpointRotation:
+        return EndpointRotation(n, jitter=lambda: 0.999)  # backoff = 0.05 * 2**(failures-1) * ~1
+
+    def test_stays_on_a_healthy_endpoint(self) -> None:
+        r = self.rotation(3)
+        assert r.choose(0.0) == (0, 0.0)
+        r.ok(0)
+        assert r.choose(1.0) == (0, 0.0) and r.healthy()
+
+    def test_failure_moves_on_and_backs_off_doubling(self) -> None:
+        r = self.rotation(1)
+        r.failed(0, now=10.0)
+        index, wait = r.choose(10.0)
+        assert index == 0 and 0.049 < wait <= 0.05
+        r.failed(0, now=10.05)
+        assert 0.099 < r.choose(10.05)[1] <= 0.1
+        for _ in range(20):
+            r.failed(0, now=20.0)
+        assert r.choose(20.0)[1] <= 2.0  # capped
+        r.ok(0)
+        assert r.choose(20.0) == (0, 0.0)
+
+    def test_prefers_the_member_that_failed_longest_ago(self) -> None:
+        # a killed member (0, still refusing), then member 1 went silent during an election, then member 2 froze:
+        # back to 1 (failed earlier, may have recovered), not to 2 (just went silent)
+        r = self.rotation(3)
+        for t in (1.0, 1.5, 2.5, 4.0):
+            r.failed(0, now=t)
+        r.current = 1
+        r.failed(1, now=2.0)
+        r.failed(1, now=2.1)  # reported twice (keep-alive and watch probe): counts do not decide
+        assert r.current == 2
+        r.ok(2)
+        r.failed(2, now=6.0)
+        assert r.choose(6.2) == (1, 0.0)
+
+    def test_healthy_first_then_next_in_line(self) -> None:
+        r = self.rotation(3)
+        r.failed(0, now=0.0)
+        assert r.current == 1 and r.healthy()
+        r.failed(1, now=0.0)
+        assert r.choose(0.0) == (2, 0.0)
+
+    def test_waits_for_the_soonest_when_all_back_off(self) -> None:
+        r = self.rotation(2)
+        r.failed(0, now=0.0)
+        r.failed(0, now=0.0)  # 0.1 s
+        r.failed(1, now=0.0)  # 0.05 s
+        assert r.choose(0.01) == (1, pytest.approx(0.04, abs=0.001))
+
+    def test_needs_an_endpoint(self) -> None:
+        with pytest.raises(ValueError):
+            EndpointRotation(0, jitter=lambda: 0.0)
 
 
 class TestKeys:
@@ -130,14 +197,17 @@ class TestErrorMapping:
         ("code", "details", "write", "cls"),
         [
             ("OUT_OF_RANGE", "etcdserver: mvcc: required revision has been compacted", False, errors.Compacted),
-            ("OUT_OF_RANGE", "etcdserver: mvcc: required revision is a future revision", False,
-             errors.FutureRevision),
+            ("OUT_OF_RANGE", "etcdserver: mvcc: required revision is a future revision", False, errors.FutureRevision),
             ("NOT_FOUND", "etcdserver: requested lease not found", True, errors.LeaseNotFound),
             ("UNKNOWN", "etcdserver: requested lease not found", True, errors.LeaseNotFound),
             ("PERMISSION_DENIED", "etcdserver: permission denied", False, errors.PermissionDenied),
             ("UNKNOWN", "auth: permission denied", False, errors.PermissionDenied),
-            ("INVALID_ARGUMENT", "etcdserver: authentication failed, invalid user ID or password", False,
-             errors.AuthenticationFailed),
+            (
+                "INVALID_ARGUMENT",
+                "etcdserver: authentication failed, invalid user ID or password",
+                False,
+                errors.AuthenticationFailed,
+            ),
             ("UNAUTHENTICATED", "etcdserver: invalid auth token", False, errors.AuthenticationFailed),
             ("RESOURCE_EXHAUSTED", "etcdserver: mvcc: database space exceeded", True, errors.NoSpace),
             ("INVALID_ARGUMENT", "etcdserver: key is not provided", True, errors.InvalidRequest),
