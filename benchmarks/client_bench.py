@@ -5,8 +5,10 @@
 Starts a real etcd 3.4 (/usr/bin/etcd) and a coord-server on free loopback ports, then for each server:
 
 * lock hand-off: N contenders (tasks of this process, each with its own session, sharing one client) loop on
-  ``async with session.lock(name)`` for ``--seconds``; prints acquisitions/s and Jain's fairness index over
-  the per-contender counts (1.0 = perfectly even). Against etcd it is run a second time with one client per
+  ``async with session.lock(name)`` for ``--seconds`` after a 1 s warm-up; prints hand-offs/s (acquisitions
+  by another contender than the last holder), acquisitions/s (re-takes included: a racing lock lets the
+  releaser take it again without handing off) and Jain's fairness index over the per-contender counts (1.0 =
+  perfectly even). Against etcd it is run a second time with one client per
   contender, the shape of the competitor runs (a hand-off between two tasks of one client skips a read: the
   releaser's txn already tells the next owner; between clients the next owner reads the queue itself);
 * unary CPU: ``--calls`` sequential ``get`` calls on Trio and on asyncio; prints this process's CPU time per
@@ -20,8 +22,8 @@ virtual environment, run by benchmarks/competitor_locks.py. Make the environment
 
 (python-etcd3's last release needs protobuf < 4 and a tenacity that still accepts its two-argument wait
 function), then pass ``--etcd3-python /tmp/venv-etcd3/bin/python --aetcd-python /tmp/venv-aetcd/bin/python``.
-The table ends with coord's hand-off rates at the largest N (shared client, client per contender) over the best
-competitor's (issue 6 target: >= 3x, with Jain's fairness >= 0.99).
+The tables end with coord's rates at the largest N (shared client, client per contender) over the best
+competitor's (issue 6 target: hand-offs >= 3x, with Jain's fairness >= 0.99).
 
 A program, not a test: nothing is asserted.
 """
@@ -92,6 +94,7 @@ async def lock_handoff(endpoint: str, contenders: int, seconds: float, own_clien
     ``own_clients``, each with its own client: the shape of the competitor runs, where no hand-off happens
     inside a client)."""
     counts = [0] * contenders
+    holder = {"last": -1, "changes": 0}  # a hand-off is an acquisition by another contender than the last one
     name = f"bench-lock-{contenders}-{time.monotonic_ns()}"
     async with contextlib.AsyncExitStack() as stack:
         shared = None if own_clients else await stack.enter_async_context(coord.open_client(endpoint))
@@ -105,20 +108,27 @@ async def lock_handoff(endpoint: str, contenders: int, seconds: float, own_clien
                 while not stop.is_set():
                     async with lock:
                         counts[i] += 1
+                        if holder["last"] != i:
+                            holder["changes"] += 1
+                            holder["last"] = i
 
         async with anyio.create_task_group() as tg:
             for i in range(contenders):
                 tg.start_soon(contender, i)
             await anyio.sleep(1.0)  # warm-up: sessions granted, queue formed
-            base = sum(counts)
-            base_counts = list(counts)
+            base_counts, base_changes = list(counts), holder["changes"]
             t0 = anyio.current_time()
             await anyio.sleep(seconds)
-            done = sum(counts) - base
             elapsed = anyio.current_time() - t0
             window = [c - b for c, b in zip(counts, base_counts, strict=True)]
+            changes = holder["changes"] - base_changes
             stop.set()
-    return {"contenders": contenders, "handoffs_per_s": done / elapsed, "jain": jain(window)}
+    return {
+        "contenders": contenders,
+        "acquisitions_per_s": sum(window) / elapsed,
+        "handoffs_per_s": changes / elapsed,
+        "jain": jain(window),
+    }
 
 
 async def unary_cpu(endpoint: str, calls: int) -> dict[str, float]:
@@ -152,15 +162,13 @@ def main() -> None:
             for n in ns:
                 r = anyio.run(lock_handoff, endpoint, n, args.seconds, backend="trio")
                 res["locks"].append(r)
-                print(f"{kind:5} lock  contenders={n:3}  {r['handoffs_per_s']:8.1f} hand-offs/s  "
-                      f"Jain={r['jain']:.3f}", flush=True)
+                print(f"{kind:5} lock  contenders={n:3}  {lock_line(r)}", flush=True)
             if kind == "etcd":
                 res["locks_own_clients"] = []
                 for n in ns:
                     r = anyio.run(lock_handoff, endpoint, n, args.seconds, True, backend="trio")
                     res["locks_own_clients"].append(r)
-                    print(f"{kind:5} lock  contenders={n:3}  {r['handoffs_per_s']:8.1f} hand-offs/s  "
-                          f"Jain={r['jain']:.3f}  (one client per contender)", flush=True)
+                    print(f"{kind:5} lock  contenders={n:3}  {lock_line(r)}  (one client per contender)", flush=True)
             if kind == "etcd":
                 for name, python in (("python-etcd3", args.etcd3_python), ("aetcd", args.aetcd_python)):
                     if python:
@@ -179,22 +187,29 @@ def main() -> None:
     own = ("locks", "locks_own_clients", "unary")
     competitors = {name: r for name, r in results["etcd"].items() if name not in own}
     if competitors:
-        print(f"\nlock hand-offs/s against the same real etcd ({args.seconds:g} s per N; Jain in brackets)")
-        print(f"{'client':22}" + "".join(f"{'N=' + str(n):>18}" for n in ns))
         rows = {
             "coord": {r["contenders"]: r for r in results["etcd"]["locks"]},
             "coord (client each)": {r["contenders"]: r for r in results["etcd"]["locks_own_clients"]},
         }
         rows.update({name: {int(n): r for n, r in res.items()} for name, res in competitors.items()})
-        for name, by_n in rows.items():
-            cells = "".join(f"{by_n[n]['handoffs_per_s']:10.1f} ({by_n[n]['jain']:.3f})" for n in ns)
-            print(f"{name:22}{cells}")
         top = max(ns)
-        best = max(r[top]["handoffs_per_s"] for name, r in rows.items() if not name.startswith("coord"))
-        for name in ("coord", "coord (client each)"):
-            print(f"{name} / best competitor at N={top}: {rows[name][top]['handoffs_per_s'] / best:.2f}x")
+        for metric, title in (("handoffs_per_s", "hand-offs/s (the lock passed to another contender)"),
+                              ("acquisitions_per_s", "acquisitions/s (including re-takes by the last holder)")):
+            print(f"\nlock {title} against the same real etcd ({args.seconds:g} s per N; Jain in brackets)")
+            print(f"{'client':22}" + "".join(f"{'N=' + str(n):>18}" for n in ns))
+            for name, by_n in rows.items():
+                cells = "".join(f"{by_n[n][metric]:10.1f} ({by_n[n]['jain']:.3f})" for n in ns)
+                print(f"{name:22}{cells}")
+            best = max(r[top][metric] for name, r in rows.items() if not name.startswith("coord"))
+            for name in ("coord", "coord (client each)"):
+                print(f"{name} / best competitor at N={top}: {rows[name][top][metric] / best:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def lock_line(r: dict[str, Any]) -> str:
+    return (f"{r['handoffs_per_s']:8.1f} hand-offs/s  {r['acquisitions_per_s']:8.1f} acquisitions/s  "
+            f"Jain={r['jain']:.3f}")
 
 
 def competitor(python: str, name: str, endpoint: str, ns: list[int], seconds: float) -> dict[str, Any]:
@@ -209,8 +224,7 @@ def competitor(python: str, name: str, endpoint: str, ns: list[int], seconds: fl
     result: dict[str, Any] = json.loads(lines[-1])
     for n in ns:
         r = result[str(n)]
-        print(f"etcd  {name:12} contenders={n:3}  {r['handoffs_per_s']:8.1f} hand-offs/s  Jain={r['jain']:.3f}",
-              flush=True)
+        print(f"etcd  {name:12} contenders={n:3}  {lock_line(r)}", flush=True)
     return result
 
 
