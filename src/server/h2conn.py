@@ -755,6 +755,7 @@ class H2Connection:
             return
         if len(payload) % 6:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        grown = False
         for i in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HL", payload, i)
             if key == SettingCode.INITIAL_WINDOW_SIZE:
@@ -767,10 +768,7 @@ class H2Connection:
                         st.send_window += delta
                         if st.send_window > MAX_WINDOW:
                             raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
-                    if delta > 0:
-                        for st in list(self._streams.values()):
-                            if st.out:
-                                self._pump(st)
+                    grown = grown or delta > 0
             elif key == SettingCode.MAX_FRAME_SIZE:
                 if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE:
                     raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid max frame size")
@@ -783,6 +781,12 @@ class H2Connection:
             # HEADER_TABLE_SIZE: our encoder never uses the dynamic table (and says so, see
             # _header_frames); MAX_CONCURRENT_STREAMS: we open none. Unknown settings: ignored.
         self._out.append(_SETTINGS_ACK)
+        if grown:
+            # Data the larger window lets out goes after the ACK: the peer counts received data against the
+            # settings we acknowledged (grpc's C core resets a stream with PROTOCOL_ERROR otherwise).
+            for st in list(self._streams.values()):
+                if st.out:
+                    self._pump(st)
 
     def _on_ping(self, sid: int, flags: int, payload: bytes) -> None:
         if len(payload) != 8:

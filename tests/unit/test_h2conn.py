@@ -266,6 +266,23 @@ def test_initial_window_change_applies_to_open_streams_even_below_zero() -> None
     assert [(t, p) for t, _, _, p in parse(conn.data_to_send())] == [(DATA, b"y" * 10)]
 
 
+def test_data_let_out_by_a_larger_initial_window_follows_the_settings_ack() -> None:
+    # The peer counts data against the settings we acknowledged: anything beyond the old window must come after
+    # our ACK (grpc's C core resets the stream with PROTOCOL_ERROR otherwise; seen with its BDP window growth).
+    conn = opened()
+    conn.receive_data(frame(HEADERS, END_HEADERS | END_STREAM, 1, request_block()))
+    conn.send_headers(1, REPLY_HEADERS)
+    conn.send_data(1, b"x" * 70_000)  # 65,535 go out, the rest waits for window
+    conn.data_to_send()
+    assert conn.buffered(1) == 70_000 - 65_535
+    conn.receive_data(frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1_000_000)))  # the connection window is not it
+    conn.receive_data(settings_frame(initial_window_size=131_070))
+    frames = [(t, f) for t, f, _, _ in parse(conn.data_to_send())]
+    assert frames[0] == (SETTINGS, ACK)
+    assert (DATA, 0) in frames[1:]
+    assert conn.buffered(1) == 0
+
+
 def test_receive_windows_are_enforced_and_reopened_as_data_is_consumed() -> None:
     conn = opened(initial_window_size=1000)
     conn.receive_data(frame(HEADERS, END_HEADERS, 1, request_block()))
