@@ -29,11 +29,8 @@ import base64
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,54 +41,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from _common import HERE, ServerProcess, grpc_frame, pinned, running_server
+
 KEY = b"bench-key"
 VALUE = b"v" * 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    cmd: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    log: Any = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD", "ETCDCTL"))}
-        self.log = open(self.log_path, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text(errors='replace')[-2000:]}")
-            with contextlib.suppress(OSError):
-                post(self.port, "/v3/kv/put", {"key": b64(KEY), "value": b64(VALUE)})
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not ready")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.log is not None:
-            self.log.close()
+def wait_ready(server: ServerProcess, timeout: float = 60.0) -> None:
+    """Until the server answers a put of KEY through the gateway; raises RuntimeError if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"{server.name} exited:\n{server.log_path.read_text(errors='replace')[-2000:]}")
+        with contextlib.suppress(OSError):
+            post(server.port, "/v3/kv/put", {"key": b64(KEY), "value": b64(VALUE)})
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{server.name} not ready")
 
 
 def b64(b: bytes) -> str:
@@ -102,16 +68,6 @@ def post(port: int, path: str, body: dict[str, Any]) -> Any:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST")
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
-
-
-def make_server(name: str, args: argparse.Namespace, base: Path) -> Server:
-    port, peer = free_port(), free_port()
-    url, purl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-    flags = ["--name", f"b-{name}", "--data-dir", str(base / f"{name}.data"), "--listen-client-urls", url,
-             "--advertise-client-urls", url, "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl,
-             "--initial-cluster", f"b-{name}={purl}"]
-    cmd = [args.etcd, *flags] if name == "etcd" else [sys.executable, "-m", "coord_server", *flags]
-    return Server(name, port, ["taskset", "-c", str(args.server_core), *cmd], base / f"{name}.log")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,10 +83,6 @@ class Load:
     streams: int = 1
     h1: bool = True
     extra: list[str] = field(default_factory=list)
-
-
-def grpc_frame(message: bytes) -> bytes:
-    return b"\0" + len(message).to_bytes(4, "big") + message
 
 
 def parse(out: str) -> dict[str, Any]:
@@ -149,8 +101,8 @@ def parse(out: str) -> dict[str, Any]:
 
 
 def h2load(args: argparse.Namespace, port: int, load: Load, seconds: float, tmp: Path) -> dict[str, Any]:
-    cmd = ["taskset", "-c", str(args.load_core), args.h2load, "-c", str(load.conns), "-m", str(load.streams),
-           "-D", f"{int(seconds * 1000)}ms", *load.extra]
+    cmd = pinned(args.load_core, [args.h2load, "-c", str(load.conns), "-m", str(load.streams),
+                                  "-D", f"{int(seconds * 1000)}ms", *load.extra])
     if load.h1:
         cmd.append("--h1")
     if load.body is not None:
@@ -282,10 +234,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gwbench-") as d:
         tmp = Path(d)
         for name in args.servers.split(","):
-            server = make_server(name, args, tmp)
-            server.start()
-            try:
-                server.wait_ready()
+            with running_server(name, tmp, etcd=args.etcd, core=args.server_core) as server:
+                wait_ready(server)
                 res: dict[str, Any] = {}
                 for wl in ("gw-range-c1", "gw-range-c64", "gw-put-c64"):
                     h2load(args, server.port, table[wl], min(1.0, seconds), tmp)  # warm-up
@@ -301,8 +251,6 @@ def main() -> int:
                 for key in ("grpc-alone", "grpc-with-gw", "grpc-with-health-metrics"):
                     check_grpc(res[key], reply_size())
                 report["servers"][name] = res
-            finally:
-                server.stop()
 
     names = list(report["servers"])
     rows = [("gateway Range, 1 conn (req/s)", "gw-range-c1"), ("gateway Range, 64 conns (req/s)", "gw-range-c64"),

@@ -46,14 +46,10 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import resource
 import shutil
-import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -63,11 +59,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from _common import (
+    HERE,
+    ServerProcess,
+    check_tools,
+    cores_busy_seconds,
+    free_port,
+    fs_type,
+    grpc_frame,
+    machine_info,
+    member_command,
+    parse_h2load,
+    percentile,
+    pin_self,
+    pinned,
+    proc_cpu_seconds,
+    server_env,
+)
+
 KEY = b"bench-key"
 VALUE = b"v" * 64
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_ORDER = ("etcd", "coord", "trivial")
 DEFAULT_SERVERS = ("etcd", "coord", "trivial")
 ALL_WORKLOADS = ("range-c1", "range-c64", "put-c1", "put-c64")
@@ -75,37 +86,6 @@ ALL_WORKLOADS = ("range-c1", "range-c64", "put-c1", "put-c64")
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def grpc_frame(message: bytes) -> bytes:
-    """A gRPC length-prefixed message: flag 0 (uncompressed), 4-byte big-endian length, body."""
-    return b"\x00" + struct.pack(">I", len(message)) + message
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
-
-
-def cores_busy_seconds() -> dict[int, float]:
-    """Busy time (not idle, not iowait) of every core since boot, in seconds."""
-    busy: dict[int, float] = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            m = re.match(r"cpu(\d+) (.*)", line)
-            if m:
-                v = [int(x) for x in m.group(2).split()]
-                # user nice system idle iowait irq softirq steal (guest is inside user)
-                busy[int(m.group(1))] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK
-    return busy
 
 
 def proc_io_syscalls(pid: int) -> tuple[int, int]:
@@ -123,110 +103,13 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def fs_type(path: Path) -> str:
-    best, kind = "", "?"
-    real = str(path.resolve())
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            mnt = parts[1]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, parts[2]
-    return kind
-
-
-def percentile(sorted_values: list[int], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
-    return float(sorted_values[rank - 1])
-
-
-def machine_info() -> dict[str, Any]:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        mem = f.readline().split(":", 1)[1].strip()
-    def version(cmd: list[str]) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
-        return out.splitlines()[0].strip() if out else "?"
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "memory": mem,
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
-        "h2load": version(["h2load", "--version"]),
-        "loadavg_start": os.getloadavg(),
-        "coord_git": git_state(),
-    }
-
-
-def git_state() -> str:
-    """The commit coord-server ran from, with "+dirty" when src/ has uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return (head or "?") + ("+dirty" if dirty else "")
-
-
 # --------------------------------------------------------------------------------------------------
 # servers
 
 
 @dataclass
-class Server:
-    name: str
-    cmd: list[str]
-    port: int
-    data_dir: Path
-    log_path: Path
-    durable: bool  # has a store: revision checks apply
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, env: dict[str, str]) -> None:
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=self.data_dir.parent, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        self.proc = None
+class Server(ServerProcess):
+    durable: bool = True  # has a store: revision checks apply
 
 
 class Grpc:
@@ -272,30 +155,16 @@ class Grpc:
 
 def make_servers(args: argparse.Namespace, base: Path) -> list[Server]:
     servers = []
-    pin = ["taskset", "-c", str(args.server_core)]
     for name in args.servers:
-        port, peer = free_port(), free_port()
-        data = base / f"{name}.data"
-        url, purl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-        member = f"bench-{name}"
-        flags = ["--name", member, "--data-dir", str(data), "--listen-client-urls", url,
-                 "--advertise-client-urls", url, "--listen-peer-urls", purl,
-                 "--initial-advertise-peer-urls", purl]
-        if name == "etcd":
-            cmd = [args.etcd, *flags, "--initial-cluster", f"{member}={purl}"]
-        elif name == "coord":
-            cmd = [args.python, "-m", "coord_server", *flags]
-        else:
+        if name == "trivial":
+            port = free_port()
             cmd = [args.python, str(HERE / "trivial_server.py"), str(port)]
+        else:
+            port, cmd = member_command(name, base, etcd=args.etcd, python=args.python)
         durable = name in ("etcd", "coord")
-        servers.append(Server(name, pin + cmd, port, data, base / f"{name}.log", durable=durable))
+        servers.append(Server(name, port, pinned(args.server_core, cmd), base / f"{name}.log", cwd=base,
+                              durable=durable))
     return servers
-
-
-def server_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCD", "ETCDCTL"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,41 +196,10 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
     return [table[name] for name in args.workloads]
 
 
-_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
-
-
-def parse_h2load(out: str) -> dict[str, Any]:
-    r: dict[str, Any] = {}
-    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", out)
-    if m:
-        r["elapsed_s"] = float(m.group(1)) * _UNITS[m.group(2)] / 1e6
-        r["h2load_rps"] = float(m.group(3))
-    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                  r"(\d+) errored, (\d+) timeout", out)
-    if m:
-        for k, v in zip(("total", "started", "done", "succeeded", "failed", "errored", "timeout"),
-                        m.groups(), strict=True):
-            r[k] = int(v)
-    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
-    if m:
-        r["status_2xx"], r["status_3xx"], r["status_4xx"], r["status_5xx"] = map(int, m.groups())
-    m = re.search(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers .*?\((\d+)\) data", out)
-    if m:
-        r["bytes_total"], r["bytes_headers"], r["bytes_data"] = map(int, m.groups())
-    m = re.search(r"time for request:\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)", out)
-    if m:
-        g = m.groups()
-        r["h2load_min_us"] = float(g[0]) * _UNITS[g[1]]
-        r["h2load_max_us"] = float(g[2]) * _UNITS[g[3]]
-        r["h2load_mean_us"] = float(g[4]) * _UNITS[g[5]]
-    return r
-
-
 def h2load(args: argparse.Namespace, port: int, wl: Workload, body: Path, *, requests: int | None = None,
            duration: float | None = None, log_file: Path | None = None) -> dict[str, Any]:
-    cmd = ["taskset", "-c", str(args.load_core), args.h2load, "-d", str(body),
-           "-H", "content-type: application/grpc", "-H", "te: trailers",
-           "-c", str(wl.conns), "-m", str(wl.streams)]
+    cmd = pinned(args.load_core, [args.h2load, "-d", str(body), "-H", "content-type: application/grpc",
+                                  "-H", "te: trailers", "-c", str(wl.conns), "-m", str(wl.streams)])
     if requests is not None:
         cmd += ["-n", str(requests)]
     if duration is not None:
@@ -635,9 +473,8 @@ def profile(args: argparse.Namespace, server: Server, wl: Workload, body: Path, 
     pyspy = args.py_spy or shutil.which("py-spy") or str(Path(args.python).parent / "py-spy")
     raw = out_dir / f"profile-{stamp}-{server.name}-{wl.name}.txt"  # collapsed stacks (flamegraph.pl input)
     duration = max(2.0, args.profile_duration)
-    cmd = ["taskset", "-c", str(args.load_core), pyspy, "record", "--pid", str(server.pid),
-           "--rate", str(args.profile_rate), "--duration", str(round(duration) + 1), "--format", "raw",
-           "-o", str(raw)]
+    cmd = pinned(args.load_core, [pyspy, "record", "--pid", str(server.pid), "--rate", str(args.profile_rate),
+                                  "--duration", str(round(duration) + 1), "--format", "raw", "-o", str(raw)])
     # python: Python frames only, sampled without stopping the process (no bias, little slow-down;
     # C work counts for the Python line that called it). native: C frames too, but py-spy must stop
     # the process, which takes effect at its next kernel entry: system calls are over-represented.
@@ -825,16 +662,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("taskset", args.h2load, *([args.etcd] if "etcd" in args.servers else [])):
-        if not shutil.which(tool):
-            print(f"kv_bench: {tool} not found", file=sys.stderr)
-            return 2
+    if not check_tools("kv_bench", args):
+        return 2
     ncpu = len(os.sched_getaffinity(0))
     if max(args.server_core, args.load_core) >= (os.cpu_count() or 1) or ncpu < 2:
         print("kv_bench: needs two cores (--server-core, --load-core)", file=sys.stderr)
-    # This driver only waits and checks; keep it off the server's core.
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {args.load_core})
+    pin_self(args.load_core)  # this driver only waits and checks: keep it off the server's core
 
     g = Grpc()
     wls = workloads(args)
@@ -853,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies["Range"].write_bytes(grpc_frame(g.pb.RangeRequest(key=KEY).SerializeToString()))
     bodies["Put"].write_bytes(grpc_frame(g.pb.PutRequest(key=KEY, value=VALUE).SerializeToString()))
 
-    env = server_env()
+    env = server_env(PYTHONUNBUFFERED="1")  # coord-server's log lines at once
     results: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
     failures: list[str] = []

@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
 import queue
 import shutil
 import statistics
@@ -56,8 +55,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _common as common  # noqa: E402
 import grpc  # noqa: E402
-import kv_bench as kb  # noqa: E402
 
 from coord._pb import rpc_pb2 as pb  # noqa: E402
 from coord._pb import rpc_pb2_grpc as pbg  # noqa: E402
@@ -74,26 +73,16 @@ class CheckFailed(Exception):
 # servers
 
 
-def make_server(args: argparse.Namespace, name: str, base: Path) -> kb.Server:
-    port, peer = kb.free_port(), kb.free_port()
-    data = base / f"{name}.data"
-    url, purl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-    member = f"bench-{name}"
-    flags = ["--name", member, "--data-dir", str(data), "--listen-client-urls", url,
-             "--advertise-client-urls", url, "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl]
-    if name == "etcd":
-        cmd = [args.etcd, *flags, "--initial-cluster", f"{member}={purl}"]
-    else:
-        cmd = [args.python, "-m", "coord_server", *flags]
-    pin = ["taskset", "-c", str(args.server_core)]
-    return kb.Server(name, pin + cmd, port, data, base / f"{name}.log", durable=True)
+def make_server(args: argparse.Namespace, name: str, base: Path) -> common.ServerProcess:
+    port, cmd = common.member_command(name, base, etcd=args.etcd, python=args.python)
+    return common.ServerProcess(name, port, common.pinned(args.server_core, cmd), base / f"{name}.log", cwd=base)
 
 
-def channel(server: kb.Server) -> grpc.Channel:
+def channel(server: common.ServerProcess) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.enable_http_proxy", 0)])
 
 
-def wait_ready(server: kb.Server, timeout: float = 60.0) -> None:
+def wait_ready(server: common.ServerProcess, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if not server.alive():
@@ -108,7 +97,7 @@ def wait_ready(server: kb.Server, timeout: float = 60.0) -> None:
             time.sleep(0.1)
 
 
-def grant_many(server: kb.Server, ids: list[int], ttl: int, key_prefix: bytes | None = None,
+def grant_many(server: common.ServerProcess, ids: list[int], ttl: int, key_prefix: bytes | None = None,
                threads: int = 8) -> None:
     """Grant every ID, ``threads`` clients in parallel; then, with ``key_prefix``, put one key per
     lease (128 puts per Txn)."""
@@ -131,7 +120,7 @@ def grant_many(server: kb.Server, ids: list[int], ttl: int, key_prefix: bytes | 
             f.result()
 
 
-def revoke_all(server: kb.Server) -> None:
+def revoke_all(server: common.ServerProcess) -> None:
     with channel(server) as ch:
         lease = pbg.LeaseStub(ch)
         ids = [s.ID for s in lease.LeaseLeases(pb.LeaseLeasesRequest(), timeout=30).leases]
@@ -155,8 +144,8 @@ def revoke_all(server: kb.Server) -> None:
 
 def h2load_keepalive(args: argparse.Namespace, port: int, body: Path, *, requests: int | None = None,
                      duration: float | None = None) -> subprocess.Popen[str]:
-    cmd = ["taskset", "-c", str(args.load_core), args.h2load, "-d", str(body),
-           "-H", "content-type: application/grpc", "-H", "te: trailers", "-c", "1", "-m", "1"]
+    cmd = common.pinned(args.load_core, [args.h2load, "-d", str(body), "-H", "content-type: application/grpc",
+                                  "-H", "te: trailers", "-c", "1", "-m", "1"])
     if requests is not None:
         cmd += ["-n", str(requests)]
     if duration is not None:
@@ -169,14 +158,14 @@ def run_parallel(procs: list[subprocess.Popen[str]], timeout: float) -> list[dic
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
-        r = kb.parse_h2load(stdout)
+        r = common.parse_h2load(stdout)
         if "done" not in r:
             raise CheckFailed(f"h2load failed ({p.returncode}):\n{stdout}\n{stderr}")
         out.append(r)
     return out
 
 
-def keepalive_throughput(args: argparse.Namespace, server: kb.Server, scratch: Path) -> dict[str, Any]:
+def keepalive_throughput(args: argparse.Namespace, server: common.ServerProcess, scratch: Path) -> dict[str, Any]:
     n, streams = args.leases, args.streams
     ids = list(range(1, n + 1))
     t0 = time.monotonic()
@@ -186,7 +175,7 @@ def keepalive_throughput(args: argparse.Namespace, server: kb.Server, scratch: P
     bodies = []
     for i, share in enumerate(shares):
         body = scratch / f"{server.name}-keepalive-{i}.grpc"
-        body.write_bytes(b"".join(kb.grpc_frame(pb.LeaseKeepAliveRequest(ID=x).SerializeToString()) for x in share))
+        body.write_bytes(b"".join(common.grpc_frame(pb.LeaseKeepAliveRequest(ID=x).SerializeToString()) for x in share))
         bodies.append(body)
     # The exact reply bytes of one pass: every reply carries TTL = the granted TTL (0 would be shorter).
     with channel(server) as ch:
@@ -201,12 +190,12 @@ def keepalive_throughput(args: argparse.Namespace, server: kb.Server, scratch: P
         if not (r["done"] == r["succeeded"] == r.get("status_2xx") == 2) or r["bytes_data"] != 2 * exp:
             raise CheckFailed(f"{server.name} keep-alive check: {r} (expected {2 * exp} reply bytes)")
     time.sleep(0.5)
-    cpu0 = kb.proc_cpu_seconds(server.pid)
+    cpu0 = common.proc_cpu_seconds(server.pid)
     t0 = time.monotonic()
     runs = run_parallel([h2load_keepalive(args, server.port, b, duration=args.duration) for b in bodies],
                         timeout=120 + 3 * args.duration)
     wall = time.monotonic() - t0
-    cpu = kb.proc_cpu_seconds(server.pid) - cpu0
+    cpu = common.proc_cpu_seconds(server.pid) - cpu0
     passes = [r["done"] for r in runs]
     if any(r["failed"] or r["errored"] or r["succeeded"] != r["done"] or r["done"] == 0 for r in runs):
         raise CheckFailed(f"{server.name} keep-alive run: {runs}")
@@ -243,7 +232,7 @@ def keepalive_throughput(args: argparse.Namespace, server: kb.Server, scratch: P
 class DeleteWatch:
     """A watch on a key prefix that timestamps every DELETE (client monotonic clock)."""
 
-    def __init__(self, server: kb.Server, prefix: bytes) -> None:
+    def __init__(self, server: common.ServerProcess, prefix: bytes) -> None:
         self.channel = channel(server)
         self.requests: queue.Queue[pb.WatchRequest | None] = queue.Queue()
         self.deleted: dict[bytes, float] = {}
@@ -284,7 +273,7 @@ class DeleteWatch:
         self.channel.close()
 
 
-def expiry_precision(args: argparse.Namespace, server: kb.Server) -> dict[str, Any]:
+def expiry_precision(args: argparse.Namespace, server: common.ServerProcess) -> dict[str, Any]:
     n, ttl, spread = args.expiry_leases, args.expiry_ttl, args.expiry_spread
     prefix = b"exp/"
     watch = DeleteWatch(server, prefix)
@@ -320,12 +309,12 @@ def expiry_precision(args: argparse.Namespace, server: kb.Server) -> dict[str, A
     late = sorted((watch.deleted[k] - (replied[k] + ttl)) * 1000 for k in replied)
     return {
         "leases": n, "ttl_s": ttl, "spread_s": spread,
-        "lateness_ms": {"min": late[0], "p50": kb.percentile(late, 50), "p90": kb.percentile(late, 90),
-                        "p99": kb.percentile(late, 99), "max": late[-1], "mean": statistics.fmean(late)},
+        "lateness_ms": {"min": late[0], "p50": common.percentile(late, 50), "p90": common.percentile(late, 90),
+                        "p99": common.percentile(late, 99), "max": late[-1], "mean": statistics.fmean(late)},
     }
 
 
-def pileup(args: argparse.Namespace, server: kb.Server) -> dict[str, Any]:
+def pileup(args: argparse.Namespace, server: common.ServerProcess) -> dict[str, Any]:
     n, ttl = args.pileup, args.pileup_ttl
     prefix = b"pile/"
     ids = list(range(10_000_001, 10_000_001 + n))
@@ -378,7 +367,7 @@ def pileup(args: argparse.Namespace, server: kb.Server) -> dict[str, Any]:
     def stats(v: list[float]) -> dict[str, float]:
         if not v:
             return {}
-        return {"n": len(v), "p50": kb.percentile(v, 50), "p99": kb.percentile(v, 99), "max": v[-1]}
+        return {"n": len(v), "p50": common.percentile(v, 50), "p99": common.percentile(v, 99), "max": v[-1]}
 
     return {
         "leases": n, "ttl_s": ttl, "renew_all_s": renew_s,
@@ -468,18 +457,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("taskset", args.h2load, *([args.etcd] if "etcd" in args.servers else [])):
-        if not shutil.which(tool):
-            print(f"lease_bench: {tool} not found", file=sys.stderr)
-            return 2
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {args.load_core})
+    if not common.check_tools("lease_bench", args):
+        return 2
+    common.pin_self(args.load_core)
     base = Path(tempfile.mkdtemp(prefix="lease-bench-", dir=args.tmp_dir))
-    info = kb.machine_info()
-    info["data_dir_fs"] = kb.fs_type(base)
+    info = common.machine_info()
+    info["data_dir_fs"] = common.fs_type(base)
     results: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
-    env = kb.server_env()
+    env = common.server_env(PYTHONUNBUFFERED="1")  # coord-server's log lines at once
     print(f"lease_bench: {', '.join(args.servers)} on core {args.server_core}, load on core {args.load_core}; "
           f"data in {base} ({info['data_dir_fs']})", flush=True)
     try:
@@ -494,14 +480,15 @@ def main(argv: list[str] | None = None) -> int:
                                   ("pileup", lambda s=server: pileup(args, s) if args.pileup else None)):
                     if phase not in args.phases:
                         continue
-                    cores0, cpu0, t0 = kb.cores_busy_seconds(), kb.proc_cpu_seconds(server.pid), time.monotonic()
+                    cores0, cpu0 = common.cores_busy_seconds(), common.proc_cpu_seconds(server.pid)
+                    t0 = time.monotonic()
                     try:
                         got = fn()
                         if got is not None:
                             # Busy time of the server's core not spent by the server: someone else ran there.
                             wall = time.monotonic() - t0
-                            busy = kb.cores_busy_seconds()[args.server_core] - cores0[args.server_core]
-                            mine = kb.proc_cpu_seconds(server.pid) - cpu0
+                            busy = common.cores_busy_seconds()[args.server_core] - cores0[args.server_core]
+                            mine = common.proc_cpu_seconds(server.pid) - cpu0
                             got["server_core_other_util"] = max(0.0, busy - mine) / wall
                     except (CheckFailed, grpc.RpcError) as exc:
                         failures.append(f"{name} {phase}: {exc}")

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from watch_bench import percentile, start_server
+from _common import add_two_process_args, client_process, quantile, run_client, running_server, wait_for_server
 
 
 async def contender(locks: Any, lpb: Any, name: bytes, lease: int, i: int, stop: float, counts: list[int],
@@ -48,13 +46,7 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
     from coord._pb import v3lock_pb2_grpc as lpbg
 
     target = f"127.0.0.1:{cfg['port']}"
-    for _ in range(300):
-        try:
-            async with grpc.aio.insecure_channel(target) as ch:
-                await pbg.KVStub(ch).Range(pb.RangeRequest(key=b"x"), timeout=1)
-            break
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
+    await wait_for_server(target)
     out: dict[str, Any] = {"lock": {}}
     async with grpc.aio.insecure_channel(target) as ch:
         leases = pbg.LeaseStub(ch)
@@ -72,8 +64,8 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
             elapsed = time.perf_counter() - t0
             total = sum(counts)
             jain = total * total / (n * sum(c * c for c in counts)) if total else 0.0
-            out["lock"][str(n)] = {"handoffs_per_s": total / elapsed, "p50_ms": percentile(waits, 0.5) * 1e3,
-                                   "p99_ms": percentile(waits, 0.99) * 1e3, "jain": jain, "acquisitions": total}
+            out["lock"][str(n)] = {"handoffs_per_s": total / elapsed, "p50_ms": quantile(waits, 0.5) * 1e3,
+                                   "p99_ms": quantile(waits, 0.99) * 1e3, "jain": jain, "acquisitions": total}
         el = epbg.ElectionStub(ch)
         a, b = [(await leases.LeaseGrant(pb.LeaseGrantRequest(TTL=60))).ID for _ in range(2)]
         lat: list[float] = []
@@ -91,43 +83,28 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
             leader = (await waiting).leader
             lat.append(time.perf_counter() - t)
             other = a if other == b else b
-        out["resign"] = {"p50_ms": percentile(lat, 0.5) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3}
+        out["resign"] = {"p50_ms": quantile(lat, 0.5) * 1e3, "p99_ms": quantile(lat, 0.99) * 1e3}
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--contenders", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--resigns", type=int, default=50)
-    p.add_argument("--etcd", default=shutil.which("etcd") or "/usr/bin/etcd")
-    p.add_argument("--servers", nargs="+", default=["etcd", "coord"])
-    p.add_argument("--server-core", type=int, default=0)
-    p.add_argument("--client-core", type=int, default=1)
-    p.add_argument("--json", type=Path)
+    add_two_process_args(p)
     args = p.parse_args()
     if args.client:
-        import uvloop
-
-        print(json.dumps(uvloop.run(client_main(json.loads(args.client)))))
-        return 0
+        return client_process(client_main, args.client)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lock-bench-") as tmp:
         for name in args.servers:
             base = Path(tmp) / name
             base.mkdir()
-            srv = start_server(name, base, args)
-            try:
+            with running_server(name, base, etcd=args.etcd, core=args.server_core) as srv:
                 cfg = {"port": srv.port, "contenders": args.contenders, "seconds": args.seconds,
                        "resigns": args.resigns}
-                run = subprocess.run(["taskset", "-c", str(args.client_core), sys.executable, __file__, "--client",
-                                      json.dumps(cfg)], capture_output=True, text=True, check=False, timeout=900)
-                if run.returncode != 0:
-                    raise RuntimeError(f"client failed on {name}:\n{run.stderr[-3000:]}")
-                results[name] = json.loads(run.stdout.strip().splitlines()[-1])
-            finally:
-                srv.stop()
+                results[name] = run_client(__file__, args.client_core, cfg, f"on {name}")
     print(f"\nlock hand-off: contenders loop Lock -> Unlock for {args.seconds:g} s "
           f"(server on core {args.server_core})\n")
     print(f"{'N':>4} {'server':6} {'handoffs/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'Jain':>6}")

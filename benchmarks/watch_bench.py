@@ -18,71 +18,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
-
-
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_server(name: str, base: Path, args: argparse.Namespace) -> Server:
-    port, peer = free_port(), free_port()
-    url, purl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
-    flags = ["--name", f"b-{name}", "--data-dir", str(base / name), "--listen-client-urls", url,
-             "--advertise-client-urls", url, "--listen-peer-urls", purl, "--initial-advertise-peer-urls", purl]
-    if name == "etcd":
-        cmd = [args.etcd, *flags, "--initial-cluster", f"b-{name}={purl}"]
-    else:
-        cmd = [sys.executable, "-m", "coord_server", *flags]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-    log = open(base / f"{name}.log", "wb")
-    proc = subprocess.Popen(["taskset", "-c", str(args.server_core), *cmd], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    return Server(name, port, proc)
-
+from _common import (
+    ServerProcess,
+    add_two_process_args,
+    client_process,
+    proc_cpu_seconds,
+    quantile,
+    run_client,
+    running_server,
+    wait_for_server,
+)
 
 # ------------------------------------------------------------------------------------------------
 # the client (runs in its own process: `watch_bench.py --client ...`)
@@ -96,13 +47,7 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
 
     target = f"127.0.0.1:{cfg['port']}"
     opts = [("grpc.max_receive_message_length", 256 << 20)]
-    for _ in range(300):  # wait until the server answers
-        try:
-            async with grpc.aio.insecure_channel(target) as ch:
-                await pbg.KVStub(ch).Range(pb.RangeRequest(key=b"x"), timeout=1)
-            break
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
+    await wait_for_server(target)
     mode = cfg["mode"]
     if mode == "replay":
         return await replay(cfg, target, opts)
@@ -167,8 +112,8 @@ async def client_main(cfg: dict[str, Any]) -> dict[str, Any]:
         await ch.close()
     await wch.close()
     return {"mode": mode, "events": got, "expected": expected, "seconds": elapsed,
-            "events_per_s": got / elapsed if elapsed else 0.0, "p50_us": percentile(latencies, 0.5),
-            "p99_us": percentile(latencies, 0.99), "server_cpu_s": cpu,
+            "events_per_s": got / elapsed if elapsed else 0.0, "p50_us": quantile(latencies, 0.5),
+            "p99_us": quantile(latencies, 0.99), "server_cpu_s": cpu,
             "cpu_us_per_event": cpu / got * 1e6 if got else float("nan")}
 
 
@@ -204,48 +149,32 @@ async def replay(cfg: dict[str, Any], target: str, opts: list[tuple[str, int]]) 
             "server_cpu_s": cpu, "cpu_us_per_event": cpu / got * 1e6}
 
 
-def run_client(args: argparse.Namespace, server: Server, mode: str) -> dict[str, Any]:
-    cfg = {"port": server.port, "pid": server.proc.pid, "mode": mode, "watchers": args.watchers,
+def measure(args: argparse.Namespace, server: ServerProcess, mode: str) -> dict[str, Any]:
+    cfg = {"port": server.port, "pid": server.pid, "mode": mode, "watchers": args.watchers,
            "streams": args.streams, "writes": int(args.rate * args.seconds), "rate": args.rate,
            "replay": args.replay}
-    out = subprocess.run(["taskset", "-c", str(args.client_core), sys.executable, __file__, "--client",
-                          json.dumps(cfg)], capture_output=True, text=True, check=False, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"client failed ({server.name} {mode}):\n{out.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return run_client(__file__, args.client_core, cfg, f"({server.name} {mode})")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--client", help=argparse.SUPPRESS)
     p.add_argument("--watchers", type=int, default=1000)
     p.add_argument("--streams", type=int, default=10)
     p.add_argument("--rate", type=float, default=20.0, help="writes per second")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--replay", type=int, default=100_000)
-    p.add_argument("--etcd", default=shutil.which("etcd") or "/usr/bin/etcd")
-    p.add_argument("--servers", nargs="+", default=["etcd", "coord"])
-    p.add_argument("--server-core", type=int, default=0)
-    p.add_argument("--client-core", type=int, default=1)
-    p.add_argument("--json", type=Path, help="also write the results here")
+    add_two_process_args(p)
     args = p.parse_args()
     if args.client:
-        import uvloop
-
-        print(json.dumps(uvloop.run(client_main(json.loads(args.client)))))
-        return 0
+        return client_process(client_main, args.client)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="watch-bench-") as tmp:
         for name in args.servers:
             for mode in ("key", "prefix", "replay"):
                 base = Path(tmp) / f"{name}-{mode}"
                 base.mkdir()
-                srv = start_server(name, base, args)
-                try:
-                    results.setdefault(name, {})[mode] = run_client(args, srv, mode)
-                finally:
-                    srv.stop()
+                with running_server(name, base, etcd=args.etcd, core=args.server_core) as srv:
+                    results.setdefault(name, {})[mode] = measure(args, srv, mode)
     print(f"\nwatch fan-out: {args.watchers} watchers over {args.streams} streams, {args.rate:g} writes/s for "
           f"{args.seconds:g} s; replay of {args.replay} events (server on core {args.server_core})\n")
     head = f"{'case':8} {'server':6} {'events/s':>10} {'p50 us':>9} {'p99 us':>9} {'cpu us/ev':>10} {'capacity/s':>11}"

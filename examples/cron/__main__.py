@@ -9,11 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 import coord
 
-from ..common import add_backend_arg, add_connection_args, client_kwargs, on_signals, run, warn
+from ..common import add_fleet_args, client_kwargs, run_cli, serve_replica, warn
 from .schedule import CatchUp, CrontabError, iso, parse_entry, parse_job, tick_id, upcoming
 from .scheduler import Config, Keys, Replica, dumps, load_store_jobs
 
@@ -53,12 +51,6 @@ Examples:
 """
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    add_connection_args(p)
-    p.add_argument("--prefix", default="cron", help="key prefix of this cron fleet (default: %(default)s)")
-    add_backend_arg(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m examples.cron", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a scheduler replica: campaign for leadership and, while leader, fire "
                        "the jobs. Prints one logfmt event per line on stdout.",
                        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
+    add_fleet_args(p, "cron")
     p.add_argument("--crontab", type=Path, help="crontab file (re-read when it changes); jobs added with `add` "
                    "are merged in (the store wins on a name clash)")
     p.add_argument("--id", dest="replica_id", help="this replica's name (default: <host>-<pid>)")
@@ -91,22 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the tail; default: %(default)s)")
 
     p = sub.add_parser("add", help="add or replace a job in the store")
-    _common(p)
+    add_fleet_args(p, "cron")
     p.add_argument("name")
     p.add_argument("schedule", help="a cron expression (5 or 6 fields) or @every 10s, @hourly, ...")
     p.add_argument("command", help="shell command (run with /bin/sh -c)")
 
     p = sub.add_parser("remove", help="remove a job from the store")
-    _common(p)
+    add_fleet_args(p, "cron")
     p.add_argument("name")
 
     p = sub.add_parser("status", help="the leader, its schedule, running and upcoming ticks")
-    _common(p)
+    add_fleet_args(p, "cron")
     p.add_argument("--upcoming", type=int, default=3, help="upcoming ticks shown per job (default: %(default)s)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("history", help="past runs (newest first) from the store")
-    _common(p)
+    add_fleet_args(p, "cron")
     p.add_argument("--job", help="only this job")
     p.add_argument("--limit", type=int, default=20, help="how many (0 = all; default: %(default)s)")
     p.add_argument("--output", action="store_true", help="show each run's output")
@@ -124,13 +116,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         from .schedule import parse_crontab
 
         parse_crontab(cfg.crontab.read_text(), str(cfg.crontab))  # fail fast on a broken file
-    async with coord.open_client(**client_kwargs(args)) as client:
-        replica = Replica(client, cfg)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(on_signals, lambda sig: replica.stop())
-            await replica.run()
-            tg.cancel_scope.cancel()
-    return 0
+    return await serve_replica(args, lambda client: Replica(client, cfg))
 
 
 async def cmd_add(args: argparse.Namespace) -> int:
@@ -234,15 +220,10 @@ COMMANDS = {"run": cmd_run, "add": cmd_add, "remove": cmd_remove, "status": cmd_
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(COMMANDS[args.cmd], args, backend=args.backend)
+        return run_cli(COMMANDS[args.cmd], args, backend=args.backend, prog="cron")
     except (CrontabError, OSError) as exc:
         warn(f"cron: {exc}")
         return 2
-    except coord.CoordError as exc:
-        warn(f"cron: {type(exc).__name__}: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

@@ -41,21 +41,14 @@ import anyio.abc
 import coord
 from coord import Compare, Delete, Put
 
-from ..common import emit
+from ..common import Campaigner, Deposed, FleetKeys, default_id, emit, exit_status
 from .schedule import CatchUp, CrontabError, Job, decide, iso, parse_crontab, parse_job, tick_id
 
 RELOAD_INTERVAL = 2.0  # seconds between checks of the crontab file
 RETRY_PAUSE = 0.2
 
 
-@dataclass(frozen=True)
-class Keys:
-    prefix: str
-
-    @property
-    def election(self) -> str:
-        return f"{self.prefix}/leader"
-
+class Keys(FleetKeys):
     @property
     def jobs(self) -> str:
         return f"{self.prefix}/jobs/"
@@ -87,7 +80,7 @@ class Keys:
 @dataclass
 class Config:
     prefix: str = "cron"
-    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    replica_id: str = field(default_factory=default_id)
     ttl: int = 10
     crontab: Path | None = None
     policy: CatchUp = CatchUp.ALL
@@ -119,10 +112,6 @@ async def load_store_jobs(client: coord.Client, keys: Keys) -> tuple[list[Job], 
         except CrontabError as exc:
             errors.append(f"{kv.key.decode()}: {exc}")
     return jobs, errors
-
-
-class Deposed(Exception):
-    """A fenced write failed because this replica no longer leads."""
 
 
 class Runner:
@@ -336,7 +325,7 @@ class Leader:
         code = proc.returncode
         assert code is not None
         status = "timeout" if timed_out else ("ok" if code == 0 else "failed")
-        return status, (128 - code if code < 0 else code), out.decode(errors="replace"), dropped
+        return status, exit_status(code), out.decode(errors="replace"), dropped
 
     # -- the term ------------------------------------------------------------------------------------
     async def load_jobs(self) -> list[Job]:
@@ -422,47 +411,19 @@ async def kill_group(proc: anyio.abc.Process, grace: float) -> None:
             return
 
 
-class Replica:
+class Replica(Campaigner):
     """Campaigns, leads, and campaigns again after losing leadership, until stopped.
 
     :meth:`stop` (first SIGTERM/SIGINT): a waiting replica leaves the queue at once; a leader drains (no new
     ticks, running jobs may finish for up to ``drain`` seconds) and resigns, so the next replica takes over
-    immediately. A second :meth:`stop` kills running jobs and resigns now.
+    immediately. A second :meth:`stop` kills running jobs and resigns now. Events: see
+    :class:`~examples.common.Campaigner` (``campaign``, ``leader``, ...).
     """
 
     def __init__(self, client: coord.Client, cfg: Config) -> None:
-        self.client = client
-        self.cfg = cfg
-        self.stopping = anyio.Event()
-        self._waiting: anyio.CancelScope | None = None
-        self._hard = anyio.CancelScope()
-
-    def stop(self) -> None:
-        if self.stopping.is_set():
-            self._hard.cancel()
-        self.stopping.set()
-        if self._waiting is not None:
-            self._waiting.cancel()
-
-    async def run(self) -> None:
-        cfg = self.cfg
-        election = self.client.election(cfg.keys.election, ttl=cfg.ttl)
         value = dumps({"id": cfg.replica_id, "host": socket.gethostname(), "pid": os.getpid()})
-        with self._hard:
-            while not self.stopping.is_set():
-                emit("campaign", replica=cfg.replica_id)
-                try:
-                    with anyio.CancelScope() as self._waiting:
-                        async with election.campaign(value) as term:
-                            self._waiting = None  # from now on stop() drains
-                            emit("leader", replica=cfg.replica_id, token=term.revision)
-                            await Leader(self.client, cfg, term, self.stopping).run()
-                        emit("resigned", replica=cfg.replica_id, token=term.revision)
-                except* (coord.LeadershipLost, Deposed) as group:
-                    emit("deposed", replica=cfg.replica_id, reason="; ".join(map(str, group.exceptions)))
-                except* coord.CoordError as group:  # unreachable store, expired session: campaign again
-                    emit("error", replica=cfg.replica_id, error="; ".join(map(repr, group.exceptions)))
-                    await anyio.sleep(1.0)
-                finally:
-                    self._waiting = None
-        emit("stopped", replica=cfg.replica_id)
+        super().__init__(client, election=cfg.keys.election, ttl=cfg.ttl, name=cfg.replica_id, value=value)
+        self.cfg = cfg
+
+    async def lead(self, term: coord.Term) -> None:
+        await Leader(self.client, self.cfg, term, self.stopping).run()

@@ -18,7 +18,7 @@ import anyio.lowlevel
 
 import coord
 
-from ..common import add_backend_arg, add_connection_args, client_kwargs, on_signals, run, warn
+from ..common import add_backend_arg, add_connection_args, client_kwargs, exit_status, on_signals, run_cli, warn
 
 EX_UNAVAILABLE = 69  # sysexits.h: the store could not be reached / the lock could not be taken
 EX_TEMPFAIL = 75  # sysexits.h: the lock was lost (the command was killed), or --timeout passed
@@ -68,11 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER, help="the command and its arguments "
                    "(put -- before it when it has options)")
     return p
-
-
-def exit_status(returncode: int) -> int:
-    """A Popen-style return code as a shell would report it."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 async def signal_group(proc: anyio.abc.Process, sig: int) -> None:
@@ -175,13 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("a COMMAND is required")
     if args.shell:
         command = ["/bin/sh", "-c", " ".join(command)]
-    try:
-        return run(lockrun, args, command, backend=args.backend)
-    except coord.CoordError as exc:
-        warn(f"lockrun: {type(exc).__name__}: {exc}")
-        return EX_UNAVAILABLE
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(lockrun, args, command, backend=args.backend, prog="lockrun", error_status=EX_UNAVAILABLE)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import anyio
 
 import coord
 
-from ..common import add_backend_arg, add_connection_args, client_kwargs, emit, on_signals, run, warn
+from ..common import add_fleet_args, client_kwargs, emit, on_signals, run_cli, serve_replica
 from .worker import Config, Keys, Worker, observe
 
 DESCRIPTION = """\
@@ -34,17 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        add_connection_args(p)
-        p.add_argument("--prefix", default="worker", help="key prefix of this worker fleet (default: %(default)s)")
-        add_backend_arg(p)
-
     p = sub.add_parser("run", help="run a worker replica",
                        description="Campaign; while active, take the items of <prefix>/queue/ in order, deliver "
                        "each (--sink) or print it, then acknowledge it (delete it, fenced by the leadership). "
                        "SIGTERM/SIGINT: finish the item in hand, resign, exit (a second signal abandons the item; "
                        "the next worker delivers it again).")
-    common(p)
+    add_fleet_args(p, "worker")
     p.add_argument("--id", dest="worker_id", help="this worker's name (default: <host>-<pid>)")
     p.add_argument("--ttl", type=int, default=10, help="lease TTL in seconds: a crashed worker is replaced "
                    "within it (default: %(default)s)")
@@ -52,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "fencing token, instead of printing it")
     p = sub.add_parser("observe", help="print the active worker now and on every change",
                        description="Follow the election: print the active worker now and on every change.")
-    common(p)
+    add_fleet_args(p, "worker")
     p = sub.add_parser("enqueue", help="add items to the queue (arguments, or one per line of stdin)")
-    common(p)
+    add_fleet_args(p, "worker")
     p.add_argument("values", nargs="*")
     p = sub.add_parser("status", help="the active worker and the queue length")
-    common(p)
+    add_fleet_args(p, "worker")
     return parser
 
 
@@ -65,13 +60,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     cfg = Config(prefix=args.prefix, ttl=args.ttl, sink=args.sink)
     if args.worker_id:
         cfg.worker_id = args.worker_id
-    async with coord.open_client(**client_kwargs(args)) as client:
-        worker = Worker(client, cfg)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(on_signals, lambda sig: worker.stop())
-            await worker.run()
-            tg.cancel_scope.cancel()
-    return 0
+    return await serve_replica(args, lambda client: Worker(client, cfg))
 
 
 async def cmd_observe(args: argparse.Namespace) -> int:
@@ -115,13 +104,7 @@ COMMANDS = {"run": cmd_run, "observe": cmd_observe, "enqueue": cmd_enqueue, "sta
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(COMMANDS[args.cmd], args, backend=args.backend)
-    except coord.CoordError as exc:
-        warn(f"worker: {type(exc).__name__}: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(COMMANDS[args.cmd], args, backend=args.backend, prog="worker")
 
 
 if __name__ == "__main__":

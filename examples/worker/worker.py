@@ -19,8 +19,6 @@ lease, at most ``--ttl`` seconds later.
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 
 import anyio
@@ -29,21 +27,14 @@ import anyio.to_thread
 import coord
 from coord import Compare, Delete, SortOrder, SortTarget, WatchFilter
 
-from ..common import emit
+from ..common import Campaigner, Deposed, FleetKeys, default_id, emit
 from ..fenced_sink import write as sink_write
 
 BATCH = 100
 RETRY_MAX = 2.0
 
 
-@dataclass(frozen=True)
-class Keys:
-    prefix: str
-
-    @property
-    def election(self) -> str:
-        return f"{self.prefix}/leader"
-
+class Keys(FleetKeys):
     @property
     def queue(self) -> str:
         return f"{self.prefix}/queue/"
@@ -52,7 +43,7 @@ class Keys:
 @dataclass
 class Config:
     prefix: str = "worker"
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_id: str = field(default_factory=default_id)
     ttl: int = 10
     sink: str | None = None
 
@@ -61,53 +52,36 @@ class Config:
         return Keys(self.prefix.rstrip("/"))
 
 
-class Deposed(Exception):
-    """A fenced step failed: another worker leads now."""
-
-
-class Worker:
+class Worker(Campaigner):
     """Campaigns; while active, consumes the queue. :meth:`stop` (SIGTERM): finish the item in hand, resign,
-    exit; a second :meth:`stop` abandons the item in hand (the next worker delivers it again)."""
+    exit; a second :meth:`stop` abandons the item in hand (the next worker delivers it again). Events: see
+    :class:`~examples.common.Campaigner` (``standby``, ``active``, ...; ``processed=`` on ``resigned`` and
+    ``stopped``) and ``processed``, ``changed``, ``sink-error``, ``resigning``."""
+
+    role = "worker"
+    waiting_event = "standby"
+    elected_event = "active"
 
     def __init__(self, client: coord.Client, cfg: Config) -> None:
-        self.client = client
+        super().__init__(client, election=cfg.keys.election, ttl=cfg.ttl, name=cfg.worker_id, value=cfg.worker_id)
         self.cfg = cfg
         self.keys = cfg.keys
-        self.stopping = anyio.Event()
-        self._waiting: anyio.CancelScope | None = None
         self._idle: anyio.CancelScope | None = None
-        self._hard = anyio.CancelScope()
         self.processed = 0
 
     def stop(self) -> None:
-        if self.stopping.is_set():
-            self._hard.cancel()
-        self.stopping.set()
-        for scope in (self._waiting, self._idle):
-            if scope is not None:
-                scope.cancel()
+        super().stop()
+        if self._idle is not None:
+            self._idle.cancel()
 
-    async def run(self) -> None:
-        cfg = self.cfg
-        election = self.client.election(self.keys.election, ttl=cfg.ttl)
-        with self._hard:
-            while not self.stopping.is_set():
-                emit("standby", worker=cfg.worker_id)
-                try:
-                    with anyio.CancelScope() as self._waiting:
-                        async with election.campaign(cfg.worker_id) as term:
-                            self._waiting = None
-                            emit("active", worker=cfg.worker_id, token=term.revision)
-                            await self._work(term)
-                        emit("resigned", worker=cfg.worker_id, token=term.revision, processed=self.processed)
-                except* (coord.LeadershipLost, Deposed) as group:
-                    emit("deposed", worker=cfg.worker_id, reason="; ".join(map(str, group.exceptions)))
-                except* coord.CoordError as group:
-                    emit("error", worker=cfg.worker_id, error="; ".join(map(repr, group.exceptions)))
-                    await anyio.sleep(1.0)
-                finally:
-                    self._waiting = self._idle = None
-        emit("stopped", worker=cfg.worker_id, processed=self.processed)
+    def summary(self) -> dict[str, object]:
+        return {"processed": self.processed}
+
+    async def lead(self, term: coord.Term) -> None:
+        try:
+            await self._work(term)
+        finally:
+            self._idle = None
 
     async def _work(self, term: coord.Term) -> None:
         queue = self.keys.queue

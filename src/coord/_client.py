@@ -74,21 +74,17 @@ class Background:
 async def _run_background(
     fn: Callable[[], Awaitable[None]], *, task_status: TaskStatus[Background] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    bg = Background()
+    await _run_started(fn, Background(), task_status=task_status)
+
+
+async def _run_started(
+    fn: Callable[[], Awaitable[None]], bg: Background, *,
+    task_status: TaskStatus[Background] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``fn`` as the task ``bg`` (``task_status`` reports ``bg`` once its scope is entered); never raises."""
     try:
         with bg.scope:
             task_status.started(bg)
-            try:
-                await fn()
-            except Exception:  # background tasks never raise: their owners turn failure into state
-                log.exception("coord background task failed")
-    finally:
-        bg.done.set()
-
-
-async def _run_started(fn: Callable[[], Awaitable[None]], bg: Background) -> None:
-    try:
-        with bg.scope:
             try:
                 await fn()
             except Exception:  # background tasks never raise: their owners turn failure into state

@@ -62,6 +62,15 @@ _LITERALS: Final = {"t": "true", "f": "false", "n": "null"}
 _S_VALUE, _S_VALUE_OR_CLOSE, _S_KEY_OR_CLOSE, _S_KEY, _S_STR, _S_ESC, _S_U = range(7)
 _S_NEG, _S_ZERO, _S_ONE, _S_DOT, _S_DOT0, _S_E, _S_ESIGN, _S_E0, _S_LIT, _S_END = range(7, 17)
 _NUMBER_DONE: Final = frozenset({_S_ZERO, _S_ONE, _S_DOT0, _S_E0})
+# number states where a digit must come next: state -> (Go's error context, state after a digit other than a leading 0)
+_DIGIT_NEEDED: Final = {
+    _S_NEG: ("in numeric literal", _S_ONE),
+    _S_DOT: ("after decimal point in numeric literal", _S_DOT0),
+    _S_ESIGN: ("in exponent of numeric literal", _S_E0),
+}
+# container kinds on the scanner's stack: 0 object key, 1 object value, 2 array element
+_OPENERS: Final = {"{": (0, _S_KEY_OR_CLOSE), "[": (2, _S_VALUE_OR_CLOSE)}  # char -> (kind, next state)
+_CLOSERS: Final = {1: "}", 2: "]"}  # kind -> the char that closes its container
 
 
 def scan_value(text: str, pos: int, *, final: bool) -> int | None:
@@ -86,22 +95,14 @@ def scan_value(text: str, pos: int, *, final: bool) -> int | None:
                 i += 1
                 continue
             if state == _S_VALUE_OR_CLOSE and c == "]":
-                stack.pop()
-                state = _S_END
-                i += 1
-                if not stack:
-                    return i
+                state = _S_END  # an empty array: the "]" is looked at again below, as after an element
                 continue
-            if c == "{":
+            opened = _OPENERS.get(c)
+            if opened is not None:
                 if len(stack) >= _MAX_DEPTH:
                     raise JsonError("exceeded max depth")
-                stack.append(0)
-                state = _S_KEY_OR_CLOSE
-            elif c == "[":
-                if len(stack) >= _MAX_DEPTH:
-                    raise JsonError("exceeded max depth")
-                stack.append(2)
-                state = _S_VALUE_OR_CLOSE
+                stack.append(opened[0])
+                state = opened[1]
             elif c == '"':
                 state = _S_STR
             elif c == "-":
@@ -121,11 +122,8 @@ def scan_value(text: str, pos: int, *, final: bool) -> int | None:
                 i += 1
                 continue
             if state == _S_KEY_OR_CLOSE and c == "}":
-                stack.pop()
+                stack[-1] = 1  # an empty object: the "}" is looked at again below, as after a key:value pair
                 state = _S_END
-                i += 1
-                if not stack:
-                    return i
                 continue
             if c == '"':
                 state = _S_STR
@@ -170,64 +168,32 @@ def scan_value(text: str, pos: int, *, final: bool) -> int | None:
                 if not stack:
                     return i
             continue
-        if state == _S_NEG:
-            if c == "0":
-                state = _S_ZERO
-            elif "1" <= c <= "9":
-                state = _S_ONE
-            else:
-                raise _syntax(c, "in numeric literal")
-            i += 1
-            continue
-        if state == _S_ONE and c in _DIGITS:
-            i += 1
-            continue
-        if state in (_S_ONE, _S_ZERO):
-            if c == ".":
-                state = _S_DOT
-                i += 1
-                continue
-            if c in "eE":
-                state = _S_E
-                i += 1
-                continue
-            state = _S_END  # the number ended before c: c is looked at again below
-            if not stack:
-                return i
-        if state == _S_DOT:
-            if c not in _DIGITS:
-                raise _syntax(c, "after decimal point in numeric literal")
-            state = _S_DOT0
-            i += 1
-            continue
-        if state == _S_DOT0:
-            if c in _DIGITS:
-                i += 1
-                continue
-            if c in "eE":
-                state = _S_E
-                i += 1
-                continue
-            state = _S_END
-            if not stack:
-                return i
         if state == _S_E:
             if c in "+-":
                 state = _S_ESIGN
                 i += 1
                 continue
-            state = _S_ESIGN
-        if state == _S_ESIGN:
+            state = _S_ESIGN  # c must be the exponent's first digit
+        digit_needed = _DIGIT_NEEDED.get(state)
+        if digit_needed is not None:
             if c not in _DIGITS:
-                raise _syntax(c, "in exponent of numeric literal")
-            state = _S_E0
+                raise _syntax(c, digit_needed[0])
+            state = _S_ZERO if state == _S_NEG and c == "0" else digit_needed[1]
             i += 1
             continue
-        if state == _S_E0:
-            if c in _DIGITS:
+        if state in _NUMBER_DONE:  # a number that may end here or go on
+            if c in _DIGITS and state != _S_ZERO:
                 i += 1
                 continue
-            state = _S_END
+            if c == "." and (state == _S_ONE or state == _S_ZERO):
+                state = _S_DOT
+                i += 1
+                continue
+            if c in "eE" and state != _S_E0:
+                state = _S_E
+                i += 1
+                continue
+            state = _S_END  # the number ended before c: c is looked at again below
             if not stack:
                 return i
         # _S_END: a value inside a container just ended
@@ -240,29 +206,20 @@ def scan_value(text: str, pos: int, *, final: bool) -> int | None:
                 raise _syntax(c, "after object key")
             stack[-1] = 1
             state = _S_VALUE
-        elif top == 1:
-            if c == ",":
+        elif c == ",":
+            if top == 1:
                 stack[-1] = 0
                 state = _S_KEY
-            elif c == "}":
-                stack.pop()
-                i += 1
-                if not stack:
-                    return i
-                continue
             else:
-                raise _syntax(c, "after object key:value pair")
-        else:
-            if c == ",":
                 state = _S_VALUE
-            elif c == "]":
-                stack.pop()
-                i += 1
-                if not stack:
-                    return i
-                continue
-            else:
-                raise _syntax(c, "after array element")
+        elif c == _CLOSERS[top]:
+            stack.pop()  # the container is a value that just ended: the state stays _S_END
+            i += 1
+            if not stack:
+                return i
+            continue
+        else:
+            raise _syntax(c, "after object key:value pair" if top == 1 else "after array element")
         i += 1
     if not final:
         return None

@@ -501,7 +501,7 @@ class _GrpcConnection(asyncio.Protocol):
             call.timer = self._loop.call_later(seconds, self._expire, call)
         if binding.kind is Kind.BIDI_STREAM:
             call.requests = _Requests(call)
-            self._start_task(call, self._run_bidi(call))
+            self._start_task(call, self._run_streaming(call, call.requests))
         elif ev.end_stream:
             self.end_with_error(call, Code.INTERNAL, "grpc: client sent no request message")
 
@@ -596,7 +596,7 @@ class _GrpcConnection(asyncio.Protocol):
     def _start(self, call: _Call, request: Any) -> None:
         binding = call.binding
         if binding.kind is Kind.SERVER_STREAM:
-            self._start_task(call, self._run_stream(call, request))
+            self._start_task(call, self._run_streaming(call, request))
         elif binding.eager:
             try:
                 coro = binding.func(request, call.ctx)
@@ -638,22 +638,12 @@ class _GrpcConnection(asyncio.Protocol):
         finally:
             self.task_ended(call)
 
-    async def _run_stream(self, call: _Call, request: Any) -> None:
+    async def _run_streaming(self, call: _Call, arg: Any) -> None:
+        """The task of a server-streaming call (``arg``: its request) or a bidi call (``arg``: its request
+        stream): every response sent, then the OK trailers."""
         call.started = True
         try:
-            await self._send_all(call, call.binding.func(request, call.ctx))
-        except (Exception, asyncio.CancelledError) as exc:
-            self._handler_failed(call, exc)
-        else:
-            self._end_ok(call)
-        finally:
-            self.task_ended(call)
-
-    async def _run_bidi(self, call: _Call) -> None:
-        assert call.requests is not None
-        call.started = True
-        try:
-            await self._send_all(call, call.binding.func(call.requests, call.ctx))
+            await self._send_all(call, call.binding.func(arg, call.ctx))
         except (Exception, asyncio.CancelledError) as exc:
             self._handler_failed(call, exc)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 import pytest
 from helpers import ServerProcess
@@ -17,6 +19,25 @@ DEADLINE = 30
 
 async def _lease_count(client: coord.Client) -> int:
     return len(await client.leases())
+
+
+async def _lock_in_turn(client: coord.Client, name: str, i: int, queued: list[anyio.Event],
+                        body: Callable[[coord.Lock], Awaitable[None]]) -> None:
+    """Waiter ``i`` of lock ``name``: joins the queue once waiter ``i - 1`` is in it, sets ``queued[i]`` once its
+    own key exists (its create revision fixes its place), and runs ``body(lock)`` while it holds the lock."""
+    if i:
+        await queued[i - 1].wait()
+    async with client.session(ttl=10) as session:
+        lock = session.lock(name)
+        async with anyio.create_task_group() as tg:
+
+            async def mark() -> None:
+                await wait_until_exists(client, lock.key)
+                queued[i].set()
+
+            tg.start_soon(mark)
+            async with lock:
+                await body(lock)
 
 
 async def test_session_keeps_and_revokes_lease(shared_server: ServerProcess) -> None:
@@ -46,25 +67,16 @@ async def test_lock_excludes_and_hands_off_in_fifo_order(shared_server: ServerPr
             queued = [anyio.Event() for _ in range(5)]
 
             async def worker(i: int) -> None:
-                nonlocal inside, overlaps
-                if i:
-                    await queued[i - 1].wait()
-                async with client.session(ttl=10) as session:
-                    lock = session.lock(name)
-                    async with anyio.create_task_group() as tg:
-                        # mark "queued" once this waiter's key exists (its create revision fixes its place)
-                        async def mark() -> None:
-                            await wait_until_exists(client, lock.key)
-                            queued[i].set()
+                async def body(lock: coord.Lock) -> None:
+                    nonlocal inside, overlaps
+                    inside += 1
+                    overlaps += inside > 1
+                    order.append(i)
+                    tokens.append(lock.fencing_token)
+                    await anyio.sleep(0.02)
+                    inside -= 1
 
-                        tg.start_soon(mark)
-                        async with lock:
-                            inside += 1
-                            overlaps += inside > 1
-                            order.append(i)
-                            tokens.append(lock.fencing_token)
-                            await anyio.sleep(0.02)
-                            inside -= 1
+                await _lock_in_turn(client, name, i, queued, body)
 
             async with anyio.create_task_group() as tg:
                 for i in range(5):
@@ -261,21 +273,11 @@ async def test_fifo_order_alternating_clients(shared_server: ServerProcess) -> N
             queued = [anyio.Event() for _ in range(6)]
 
             async def worker(i: int) -> None:
-                client = (c1, c2)[i % 2]
-                if i:
-                    await queued[i - 1].wait()
-                async with client.session(ttl=10) as session:
-                    lock = session.lock(name)
-                    async with anyio.create_task_group() as tg:
+                async def body(lock: coord.Lock) -> None:
+                    order.append(i)
+                    await anyio.sleep(0.02)
 
-                        async def mark() -> None:
-                            await wait_until_exists(client, lock.key)
-                            queued[i].set()
-
-                        tg.start_soon(mark)
-                        async with lock:
-                            order.append(i)
-                            await anyio.sleep(0.02)
+                await _lock_in_turn((c1, c2)[i % 2], name, i, queued, body)
 
             async with anyio.create_task_group() as tg:
                 for i in range(6):

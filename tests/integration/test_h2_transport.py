@@ -21,6 +21,7 @@ import h2.settings
 import pytest
 from google.protobuf import wrappers_pb2
 from helpers.aio import aio_channel
+from helpers.transport_kit import ASYNCIO_LOOPS, grpc_frame, listening
 
 from coord_server.errors import Code
 from coord_server.h2conn import ErrorCode, frame
@@ -32,12 +33,7 @@ pytestmark = pytest.mark.anyio
 S = wrappers_pb2.StringValue
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
+@pytest.fixture(params=ASYNCIO_LOOPS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
@@ -101,16 +97,8 @@ def methods(probe: Probe) -> list[Method]:
 @contextlib.asynccontextmanager
 async def running(**kwargs: Any) -> AsyncIterator[tuple[ClientListener, int, Probe]]:
     probe = Probe()
-    listener = ClientListener(methods(probe), on_rpc_done=lambda *a: probe.done.append(a), **kwargs)
-    port = await listener.start("127.0.0.1", 0)
-    try:
+    async with listening(methods(probe), on_rpc_done=lambda *a: probe.done.append(a), **kwargs) as (listener, port):
         yield listener, port, probe
-    finally:
-        await listener.close(grace=1.0)
-
-
-def grpc_frame(message: bytes) -> bytes:
-    return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
 class RawClient:

@@ -24,6 +24,7 @@ import h11
 import pytest
 from google.protobuf import wrappers_pb2
 from helpers.aio import aio_channel
+from helpers.transport_kit import ASYNCIO_LOOPS, grpc_frame, listening
 
 from coord._pb import rpc_pb2
 from coord_server.errors import Code, EtcdError, message_too_large
@@ -42,12 +43,7 @@ pytestmark = pytest.mark.anyio
 S = wrappers_pb2.StringValue
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
+@pytest.fixture(params=ASYNCIO_LOOPS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
@@ -182,12 +178,8 @@ async def http_app(request: HttpRequest) -> HttpResponse:
 @contextlib.asynccontextmanager
 async def running(calls: Calls | None = None, **kwargs: Any) -> AsyncIterator[tuple[ClientListener, int, Calls]]:
     calls = calls or Calls()
-    listener = ClientListener(methods(calls), on_rpc_done=calls.on_rpc_done, **kwargs)
-    port = await listener.start("127.0.0.1", 0)
-    try:
+    async with listening(methods(calls), on_rpc_done=calls.on_rpc_done, **kwargs) as (listener, port):
         yield listener, port, calls
-    finally:
-        await listener.close(grace=1.0)
 
 
 def channel(port: int) -> contextlib.AbstractAsyncContextManager[grpc.aio.Channel]:
@@ -514,10 +506,6 @@ async def raw_h2_call(
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-
-
-def grpc_frame(message: bytes, flag: int = 0) -> bytes:
-    return bytes([flag]) + len(message).to_bytes(4, "big") + message
 
 
 @deadline(10)
