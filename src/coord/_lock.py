@@ -254,6 +254,15 @@ class _Queued:
         """True between a successful acquire and the release (False once the loss was detected)."""
         return self._held and self._lost_reason is None
 
+    def check(self) -> None:
+        """Raise LockLost (LeadershipLost for a term) if the loss was detected, RuntimeError if not held. Not a
+        checkpoint: for code that cannot be cancelled midway (a worker thread, a synchronous section) and stops
+        at safe points of its own. The body of ``async with`` needs no check; it is cancelled on loss."""
+        if self._lost_reason is not None:
+            raise self._lost_error(f"{self._what} {self.name!r} lost: {self._lost_reason}")
+        if not self._held:
+            raise RuntimeError(f"the {self._what} is not held")
+
     def is_owner(self) -> Compare:
         """A txn compare that holds only while this key (this incarnation) still exists:
         ``Compare.create_revision(key) == fencing token``."""

@@ -123,6 +123,25 @@ async def test_key_deleted_out_of_band_cancels_body_with_lock_lost(shared_server
             assert (await client.get_prefix(name + "/")).count == 0
 
 
+async def test_check_raises_once_a_bare_acquire_is_lost(shared_server: ServerProcess) -> None:
+    name = unique("lc")
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as client, client.session(ttl=10) as session:
+            lock = session.lock(name)
+            with pytest.raises(RuntimeError):
+                lock.check()  # not acquired yet
+            await lock.acquire()
+            lock.check()  # held: returns
+            await client.delete(lock.key)
+            while lock.held:  # the own-key watcher reports the deletion
+                await anyio.sleep(0.01)
+            with pytest.raises(coord.LockLost, match="deleted"):
+                lock.check()
+            await lock.release()
+            with pytest.raises(coord.LockLost):
+                lock.check()  # a loss stays a loss
+
+
 async def test_revoked_lease_cancels_body_within_a_keepalive_interval(shared_server: ServerProcess) -> None:
     name = unique("lr")
     ttl = 6
