@@ -41,7 +41,18 @@ from ._pb import rpc_pb2
 from ._session import Session, lock_key
 from ._transport import CLOSE_BOUND
 from ._txn import Compare, Delete, Get, Put, _op_pb, txn_request
-from ._types import EventType, Key, KeyValue, RangeResult, SortOrder, SortTarget, WatchBatch, WatchFilter, to_bytes
+from ._types import (
+    EventType,
+    Key,
+    KeyValue,
+    RangeResult,
+    SortOrder,
+    SortTarget,
+    WatchBatch,
+    WatchFilter,
+    show_key,
+    to_bytes,
+)
 from ._watch import _KeyWatcher
 
 if TYPE_CHECKING:
@@ -259,7 +270,7 @@ class _Queued:
         checkpoint: for code that cannot be cancelled midway (a worker thread, a synchronous section) and stops
         at safe points of its own. The body of ``async with`` needs no check; it is cancelled on loss."""
         if self._lost_reason is not None:
-            raise self._lost_error(f"{self._what} {self.name!r} lost: {self._lost_reason}")
+            raise self._lost_error(f"{self._what} {show_key(self.name)} lost: {self._lost_reason}")
         if not self._held:
             raise RuntimeError(f"the {self._what} is not held")
 
@@ -315,7 +326,8 @@ class _Queued:
         read_at = revision or res.revision
         if not any(kv.key == self.key and kv.create_revision == self.revision for kv in res.kvs):
             raise errors.SessionExpired(
-                f"own key {self.key!r} vanished while waiting for {self.name!r} (lease expired or key deleted)"
+                f"own key {show_key(self.key)} vanished while waiting for {show_key(self.name)}"
+                " (lease expired or key deleted)"
             )
         older = self._older(res.kvs)
         if older is None and res.more:  # keys sharing the own key's create revision hid the predecessor
@@ -379,7 +391,7 @@ class _Queued:
                             del waiters[self.key]
             self._scope = None
             if self._lost_reason is not None:
-                raise errors.SessionExpired(f"{self._what} {self.name!r} not acquired: {self._lost_reason}")
+                raise errors.SessionExpired(f"{self._what} {show_key(self.name)} not acquired: {self._lost_reason}")
             self._held = True
         except BaseException:
             self._scope = None
@@ -411,7 +423,7 @@ class _Queued:
         """Lose the place if its watcher saw this incarnation of the own key deleted."""
         place = self._place
         if place is not None and self.revision and place.own_deleted > self.revision:
-            self._lose(f"{self._what} key {self.key!r} was deleted at revision {place.own_deleted}")
+            self._lose(f"{self._what} key {show_key(self.key)} was deleted at revision {place.own_deleted}")
 
     def _monitor_failed(self, exc: BaseException) -> None:
         if isinstance(exc, errors.Compacted):
@@ -431,7 +443,7 @@ class _Queued:
                 continue
             self._recheck = None
             if not res.kvs or res.kvs[0].create_revision != self.revision:
-                self._lose(f"{self._what} key {self.key!r} is gone")
+                self._lose(f"{self._what} key {show_key(self.key)} is gone")
             elif self._place is not None:
                 self._place.watch_own(res.revision)
             return
@@ -515,7 +527,7 @@ class _Queued:
         lost = self._lost_reason
         await self._release()
         if lost is not None and (swallowed or exc is None):
-            raise self._lost_error(f"{self._what} {self.name!r} lost: {lost}") from exc
+            raise self._lost_error(f"{self._what} {show_key(self.name)} lost: {lost}") from exc
         return swallowed
 
     async def _release(self) -> None:
@@ -596,7 +608,7 @@ class Term(_Queued):
         res = await self.client.txn([self.is_owner()], [Put(self.key, v, self.session.lease_id)])
         if not res.succeeded:
             self._lose("the leader key is gone (proclaim failed)")
-            raise errors.LeadershipLost(f"not the leader of {self.name!r} any more")
+            raise errors.LeadershipLost(f"not the leader of {show_key(self.name)} any more")
         self.value = v
 
 

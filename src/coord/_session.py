@@ -24,7 +24,7 @@ from . import _errors as errors
 from ._lease_clock import LeaseClock, SessionState
 from ._pb import rpc_pb2
 from ._transport import CLOSE_BOUND, METHODS, BidiStream
-from ._types import Key, to_bytes
+from ._types import Key, show_key, to_bytes
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -109,7 +109,7 @@ class Session:
     def _claim(self, key: bytes) -> None:
         if key in self._names:
             raise RuntimeError(
-                f"{key!r} is already queued or held through this session; a session owns one place per queue"
+                f"{show_key(key)} is already queued or held through this session; a session owns one place per queue"
             )
         self._names.add(key)
 

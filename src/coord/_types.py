@@ -38,6 +38,14 @@ def to_bytes(value: Key) -> bytes:
     raise TypeError(f"keys and values are str or bytes, not {type(value).__name__}")
 
 
+def show_key(key: bytes) -> str:
+    """A key for messages: quoted text when it is UTF-8 (as it was most likely given), else the bytes repr."""
+    try:
+        return repr(key.decode())
+    except UnicodeDecodeError:
+        return repr(key)
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The range end that makes ``[prefix, end)`` cover every key starting with ``prefix`` (etcd's rule:
     drop trailing 0xff bytes, increment the last byte; all 0xff or empty means "to the end": ``\\x00``)."""

@@ -10,7 +10,7 @@ from coord._endpoints import EndpointRotation
 from coord._lease_clock import LeaseClock
 from coord._transport import map_error, parse_endpoint
 from coord._txn import txn_request
-from coord._types import range_of
+from coord._types import range_of, show_key
 
 
 class TestLeaseClock:
@@ -142,6 +142,10 @@ class TestKeys:
     )
     def test_prefix_end(self, prefix: bytes, end: bytes) -> None:
         assert prefix_end(prefix) == end
+
+    def test_show_key(self) -> None:
+        assert show_key(b"jobs/lock") == "'jobs/lock'"
+        assert show_key(b"\xff\x00") == "b'\\xff\\x00'"
 
     def test_range_of(self) -> None:
         assert range_of("k") == (b"k", b"")
