@@ -43,8 +43,9 @@ class Session:
     """A lease kept alive by the client. Made by ``client.session(ttl=...)``.
 
     ``state`` is HELD → SUSPENDED (keep-alives failing, not yet expired by the local clock) → LOST
-    (terminal). ``await session.wait_lost()`` returns when it is lost. Closing the ``async with`` block
-    revokes the lease (deleting every key attached to it).
+    (terminal). ``await session.wait_lost()`` returns when it is lost, ``await session.wait_state(...)`` when
+    it is in one of the given states. Closing the ``async with`` block revokes the lease (deleting every key
+    attached to it).
     """
 
     def __init__(self, client: Client, lease_id: int, clock: LeaseClock) -> None:
@@ -53,6 +54,7 @@ class Session:
         """The lease ID (keys written with ``lease=session`` are deleted with it)."""
         self._clock = clock
         self._lost = anyio.Event()
+        self._changed = anyio.Event()  # set (and replaced) when the state may have changed
         self._on_lost: dict[int, Callable[[], None]] = {}
         self._next_callback = 0
         self._closed = False
@@ -88,6 +90,31 @@ class Session:
     async def wait_lost(self) -> None:
         """Return once the session is LOST (a checkpoint)."""
         await self._lost.wait()
+
+    async def wait_state(self, *states: SessionState) -> SessionState:
+        """Return the state once it is one of ``states`` (at once if it already is; a checkpoint either way).
+        Raises SessionExpired if the session is LOST and LOST is not among ``states`` (it never comes back).
+
+        Level-triggered, so a loop cannot miss a change between two calls::
+
+            while True:
+                await session.wait_state(SessionState.SUSPENDED)  # keep-alives failing: pause risky work
+                await session.wait_state(SessionState.HELD)       # confirmed again: resume
+        """
+        while True:
+            changed = self._changed
+            st = self.state
+            if st in states:
+                await anyio.lowlevel.checkpoint()
+                return st
+            if st is SessionState.LOST:
+                await anyio.lowlevel.checkpoint()
+                raise errors.SessionExpired(f"session lease {self.lease_id:x} is lost: {self.lost_reason}")
+            await changed.wait()
+
+    def _state_may_have_changed(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
     def check(self) -> None:
         """Raise SessionExpired if the session is LOST."""
@@ -135,6 +162,7 @@ class Session:
         if self._lost.is_set():
             return
         self._lost.set()
+        self._state_may_have_changed()
         callbacks = list(self._on_lost.values())
         self._on_lost.clear()
         for cb in callbacks:
@@ -179,6 +207,7 @@ class Session:
             except errors.CoordError:
                 pass
             self._clock.stream_broken()
+            self._state_may_have_changed()
             await anyio.sleep(RECONNECT_PAUSE)
 
     async def _serve(self, stream: BidiStream, outer: anyio.CancelScope) -> None:
@@ -187,6 +216,7 @@ class Session:
         broken = anyio.Event()
 
         async def reader() -> None:
+            seen: SessionState | None = None
             try:
                 while True:
                     resp = await stream.receive()
@@ -196,6 +226,9 @@ class Session:
                         self._mark_lost()
                         outer.cancel()
                         return
+                    if st is not seen:
+                        seen = st
+                        self._state_may_have_changed()
             except (errors.CoordError, anyio.EndOfStream):
                 broken.set()
 

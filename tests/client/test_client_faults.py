@@ -119,22 +119,35 @@ def test_frozen_server_loses_session_on_the_local_clock(server_factory: Any, kin
     srv = server_factory(kind).start()
     ttl = 3
     states: list[SessionState] = []
+    followed: list[str] = []  # what wait_state() reported
 
     async def run() -> float:
         with anyio.fail_after(40):
             async with coord.open_client(srv.endpoint) as client, client.session(ttl=ttl) as session:
-                with pytest.raises(coord.LockLost):
-                    async with session.lock(unique("fz")):
-                        t0 = anyio.current_time()
-                        srv.kill(signal.SIGSTOP)
-                        try:
-                            while True:
-                                states.append(session.state)
-                                await anyio.sleep(0.05)
-                        finally:
-                            lost_after = anyio.current_time() - t0
+
+                async def follow() -> None:
+                    followed.append((await session.wait_state(SessionState.SUSPENDED)).value)
+                    try:
+                        await session.wait_state(SessionState.HELD)
+                    except coord.SessionExpired:
+                        followed.append("expired")
+
+                async with anyio.create_task_group() as tg:
+                    await session.wait_state(SessionState.HELD)  # already: returns at once
+                    tg.start_soon(follow)
+                    with pytest.raises(coord.LockLost):
+                        async with session.lock(unique("fz")):
+                            t0 = anyio.current_time()
+                            srv.kill(signal.SIGSTOP)
+                            try:
+                                while True:
+                                    states.append(session.state)
+                                    await anyio.sleep(0.05)
+                            finally:
+                                lost_after = anyio.current_time() - t0
                 srv.kill(signal.SIGCONT)
                 assert session.state is SessionState.LOST
+                assert await session.wait_state(SessionState.LOST) is SessionState.LOST
                 return lost_after
 
     try:
@@ -144,6 +157,7 @@ def test_frozen_server_loses_session_on_the_local_clock(server_factory: Any, kin
     finally:
         srv.kill(signal.SIGCONT)
     assert SessionState.SUSPENDED in states
+    assert followed == ["suspended", "expired"]
     assert lost_after <= ttl + 1.0, f"lost after {lost_after:.2f}s with TTL {ttl}s"
 
 
