@@ -142,12 +142,11 @@ async def lockrun(args: argparse.Namespace, argv: list[str]) -> int:
                     if cmd.signals:  # a signal arrived just as the lock was taken: leave without running
                         await anyio.lowlevel.checkpoint()
                     cmd.holding = True  # from here on, signals go to the command
-                    held_at = (await client.get_range(lock.key)).revision
                     env = dict(os.environ)
                     env.update({
                         "COORD_FENCING_TOKEN": str(lock.fencing_token), "COORD_LOCK_NAME": args.name,
                         "COORD_LEASE_ID": f"{session.lease_id:x}", "ETCD_LOCK_KEY": lock.key.decode(),
-                        "ETCD_LOCK_REV": str(held_at),
+                        "ETCD_LOCK_REV": str(lock.acquired_revision),
                     })
                     status = await run_command(args, argv, env, cmd)
             if waiting.cancelled_caught:

@@ -246,6 +246,9 @@ class _Queued:
         self.prefix, self.key = lock_key(self.name, session.lease_id)
         self.revision = 0
         """Create revision of the own key: the fencing token (0 until acquired)."""
+        self.acquired_revision = 0
+        """The store revision at which the place became first in the queue (the predecessor's deletion, or the
+        own key's creation when the queue was empty): etcdctl's ETCD_LOCK_REV. 0 until acquired."""
         self._held = False
         self._lost_reason: str | None = None
         self._scope: anyio.CancelScope | None = None  # cancelled on loss: the wait, then the body
@@ -336,10 +339,11 @@ class _Queued:
             older = self._older(res.kvs)
         return older, read_at
 
-    async def _queue_up(self, place: _Place, value: bytes) -> None:
-        """Write the own key, then wait until no older key is left (etcd's Mutex/Election algorithm)."""
+    async def _queue_up(self, place: _Place, value: bytes) -> int:
+        """Write the own key, then wait until no older key is left (etcd's Mutex/Election algorithm). Returns the
+        revision at which none was left."""
         res = await self._enqueue(value)  # the TxnResponse message (parsed here: this is the hot path)
-        read_at = res.header.revision
+        read_at: int = res.header.revision
         if res.succeeded:
             self.revision = read_at
             place.watch_own(read_at)
@@ -367,14 +371,15 @@ class _Queued:
                 if releasing is not None:
                     await releasing.wait()
             if place.head_at:  # a releaser of this client saw us first in the queue: nothing left to read
-                break
+                return place.head_at
             older, read_at = await self._read_queue(deleted_at)
+        return read_at
 
     async def _acquire(self, value: bytes) -> None:
         self.session.check()
         self.session._claim(self.key)
         self._lost_reason = None
-        self.revision = 0
+        self.revision = self.acquired_revision = 0
         self._place = place = _take_place(self.session, self.key, self)
         place.head_at = 0
         waiters = self.client._queue_waiters
@@ -385,7 +390,7 @@ class _Queued:
                 if self._lost_reason is None:
                     waiters[self.key] = self
                     try:
-                        await self._queue_up(place, value)
+                        self.acquired_revision = await self._queue_up(place, value)
                     finally:
                         if waiters.get(self.key) is self:
                             del waiters[self.key]

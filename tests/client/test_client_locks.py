@@ -168,6 +168,27 @@ async def test_revoked_lease_cancels_body_within_a_keepalive_interval(shared_ser
                         pass
 
 
+@pytest.mark.parametrize("same_client", [True, False], ids=["one-client", "two-clients"])
+async def test_acquired_revision_is_where_the_queue_emptied(shared_server: ServerProcess, same_client: bool) -> None:
+    name = unique("la")
+    with anyio.fail_after(DEADLINE):
+        async with coord.open_client(shared_server.endpoint) as client, coord.open_client(
+            shared_server.endpoint
+        ) as other, client.session(ttl=10) as s1, (client if same_client else other).session(ttl=10) as s2:
+            first, second = s1.lock(name), s2.lock(name)
+            await first.acquire()
+            assert first.acquired_revision == first.fencing_token  # an empty queue: the own key's creation
+            async with anyio.create_task_group() as tg, client.watch(first.key) as events:
+                tg.start_soon(second.acquire)
+                await wait_until_exists(client, second.key)
+                await first.release()
+                deleted = await events.receive()
+            assert deleted.type is coord.EventType.DELETE
+            assert second.acquired_revision == deleted.revision  # ETCD_LOCK_REV: the predecessor's deletion
+            assert second.fencing_token < second.acquired_revision
+            await second.release()
+
+
 async def test_is_owner_guards_writes(shared_server: ServerProcess) -> None:
     name, k = unique("lo"), unique("guarded")
     with anyio.fail_after(DEADLINE):
