@@ -24,7 +24,7 @@ import h11
 import pytest
 from google.protobuf import wrappers_pb2
 from helpers.aio import aio_channel
-from helpers.transport_kit import ASYNCIO_LOOPS, grpc_frame, listening
+from helpers.transport_kit import ASYNCIO_LOOPS, RawClient, grpc_frame, listening
 
 from coord._pb import rpc_pb2
 from coord_server.errors import Code, EtcdError, message_too_large
@@ -405,6 +405,8 @@ async def test_client_cancel_cancels_the_handler(caplog: pytest.LogCaptureFixtur
 
 @deadline(10)
 async def test_deadline_cancels_the_handler() -> None:
+    # grpc's client resets the stream at its own deadline, which comes first (it started the clock earlier),
+    # so whether the server's timer or that reset ends the handler is a race: both must cancel it.
     async with running() as (_, port, calls), channel(port) as ch:
         err = await rpc_error(unary(ch, "Hang")(S(), timeout=0.3))
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -414,6 +416,26 @@ async def test_deadline_cancels_the_handler() -> None:
             if calls.done:
                 break
             await asyncio.sleep(0.01)
+    assert calls.done in (
+        [("/test.Svc/Hang", Kind.UNARY, Code.DEADLINE_EXCEEDED)],
+        [("/test.Svc/Hang", Kind.UNARY, Code.CANCELLED)],
+    )
+
+
+@deadline(10)
+async def test_server_deadline_timer_ends_the_call_with_deadline_exceeded() -> None:
+    # A client that never resets by itself (raw HTTP/2): the server's own timer must cancel the handler and
+    # answer DEADLINE_EXCEEDED in the trailers.
+    async with running() as (_, port, calls):
+        client = await RawClient.connect(port)
+        try:
+            sid = client.call("/test.Svc/Hang", grpc_frame(b""), extra=[("grpc-timeout", "300m")])
+            await client.until(lambda: client.ended(sid))
+            trailers = client.trailers(sid)
+        finally:
+            await client.close()
+        assert calls.cancelled.is_set()
+    assert trailers[b"grpc-status"] == str(int(Code.DEADLINE_EXCEEDED)).encode()
     assert calls.done == [("/test.Svc/Hang", Kind.UNARY, Code.DEADLINE_EXCEEDED)]
 
 
