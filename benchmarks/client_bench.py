@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from competitor_locks import WARMUP, Tally, result
 
 import coord
 
@@ -83,18 +84,11 @@ def start_server(kind: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str
     raise RuntimeError(f"{kind} did not start")
 
 
-def jain(counts: list[int]) -> float:
-    if not counts or not any(counts):
-        return 0.0
-    return sum(counts) ** 2 / (len(counts) * sum(c * c for c in counts))
-
-
 async def lock_handoff(endpoint: str, contenders: int, seconds: float, own_clients: bool = False) -> dict[str, Any]:
     """``contenders`` tasks of this process, each with its own session, in one shared client (or, with
     ``own_clients``, each with its own client: the shape of the competitor runs, where no hand-off happens
     inside a client)."""
-    counts = [0] * contenders
-    holder = {"last": -1, "changes": 0}  # a hand-off is an acquisition by another contender than the last one
+    tally = Tally(contenders)  # counted as the competitors are counted
     name = f"bench-lock-{contenders}-{time.monotonic_ns()}"
     async with contextlib.AsyncExitStack() as stack:
         shared = None if own_clients else await stack.enter_async_context(coord.open_client(endpoint))
@@ -107,28 +101,17 @@ async def lock_handoff(endpoint: str, contenders: int, seconds: float, own_clien
                 lock = session.lock(name)
                 while not stop.is_set():
                     async with lock:
-                        counts[i] += 1
-                        if holder["last"] != i:
-                            holder["changes"] += 1
-                            holder["last"] = i
+                        tally.acquired(i)
 
         async with anyio.create_task_group() as tg:
             for i in range(contenders):
                 tg.start_soon(contender, i)
-            await anyio.sleep(1.0)  # warm-up: sessions granted, queue formed
-            base_counts, base_changes = list(counts), holder["changes"]
-            t0 = anyio.current_time()
+            await anyio.sleep(WARMUP)  # sessions granted, queue formed
+            base, t0 = tally.snapshot(), anyio.current_time()
             await anyio.sleep(seconds)
-            elapsed = anyio.current_time() - t0
-            window = [c - b for c, b in zip(counts, base_counts, strict=True)]
-            changes = holder["changes"] - base_changes
+            end, elapsed = tally.snapshot(), anyio.current_time() - t0
             stop.set()
-    return {
-        "contenders": contenders,
-        "acquisitions_per_s": sum(window) / elapsed,
-        "handoffs_per_s": changes / elapsed,
-        "jain": jain(window),
-    }
+    return {"contenders": contenders, **result(base, end, elapsed)}
 
 
 async def unary_cpu(endpoint: str, calls: int) -> dict[str, float]:

@@ -10,7 +10,8 @@ acquire -> release on one lock name, each with its own client, for a 1 s warm-up
 queue formed; not counted) and then --seconds. Prints one JSON line:
 {N: {"acquisitions_per_s": ..., "handoffs_per_s": ..., "jain": ..., "acquisitions": ...}} where a hand-off
 is an acquisition by a different contender than the one before (a contender that re-takes the lock it just
-released, which a racing lock allows, acquires without handing off). Imports nothing from coord.
+released, which a racing lock allows, acquires without handing off). Imports nothing from coord;
+client_bench.py counts coord's runs with the same Tally, warm-up and result().
 """
 
 from __future__ import annotations
