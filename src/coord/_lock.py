@@ -273,9 +273,13 @@ class _Queued:
         checkpoint: for code that cannot be cancelled midway (a worker thread, a synchronous section) and stops
         at safe points of its own. The body of ``async with`` needs no check; it is cancelled on loss."""
         if self._lost_reason is not None:
-            raise self._lost_error(f"{self._what} {show_key(self.name)} lost: {self._lost_reason}")
+            raise self._loss(self._lost_reason)
         if not self._held:
             raise RuntimeError(f"the {self._what} is not held")
+
+    def _loss(self, reason: str) -> errors.CoordError:
+        """The error that reports this place lost (LockLost or LeadershipLost)."""
+        return self._lost_error(f"{self._what} {show_key(self.name)} lost: {reason}")
 
     def is_owner(self) -> Compare:
         """A txn compare that holds only while this key (this incarnation) still exists:
@@ -532,7 +536,7 @@ class _Queued:
         lost = self._lost_reason
         await self._release()
         if lost is not None and (swallowed or exc is None):
-            raise self._lost_error(f"{self._what} {show_key(self.name)} lost: {lost}") from exc
+            raise self._loss(lost) from exc
         return swallowed
 
     async def _release(self) -> None:

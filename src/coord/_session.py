@@ -109,7 +109,7 @@ class Session:
                 return st
             if st is SessionState.LOST:
                 await anyio.lowlevel.checkpoint()
-                raise errors.SessionExpired(f"session lease {self.lease_id:x} is lost: {self.lost_reason}")
+                self.check()  # raises SessionExpired
             await changed.wait()
 
     def _state_may_have_changed(self) -> None:
